@@ -1,0 +1,247 @@
+"""The ``ainode`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .config import Config, load_config
+from .errors import ConfigError, NodeError
+
+DEFAULT_CONFIG = Path("config/node.toml")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%Y-%m-%dT%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def _config(path: str | None) -> Config:
+    if path:
+        return load_config(Path(path))
+    return load_config(DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .worker import Node
+
+    config = _config(args.config)
+    node = Node(config)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    node.start()
+    logging.getLogger("node").info("ainode %s serving; Ctrl-C or SIGTERM stops it gracefully", __version__)
+    stop.wait()
+    logging.getLogger("node").info("stopping: no new associations, finishing work in progress")
+    node.stop()
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from .deliver import echo, parse_peer
+
+    peer = parse_peer(args.peer)
+    t = time.perf_counter()
+    status = echo(peer, args.aet, args.timeout)
+    print(f"C-ECHO {peer}: status 0x{status:04X} in {1000 * (time.perf_counter() - t):.0f} ms")
+    return 0 if status == 0 else 1
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from .deliver import parse_peer, send_files
+
+    peer = parse_peer(args.to)
+    files: list[Path] = []
+    for item in args.paths:
+        p = Path(item)
+        files.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
+    if not files:
+        print("no files to send", file=sys.stderr)
+        return 2
+    t = time.perf_counter()
+    report = send_files(files, peer, args.aet, args.timeout)
+    dt = time.perf_counter() - t
+    print(f"sent {report.sent} of {len(files)} files to {peer} in {dt:.2f} s")
+    for path, why in report.failed:
+        print(f"  failed: {path}: {why}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def _db(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .db import Database
+
+    config = _config(args.config)
+    db = Database(config.node.effective_database_url)
+    db.create()
+    return db
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    db = _db(args)
+    counts = db.counts()
+    if args.json:
+        print(json.dumps(counts, indent=2))
+        return 0
+    print(f"database: {db.url}")
+    for name in ("instances", "series", "jobs", "deliveries"):
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.get(name, {}).items())) or "none"
+        print(f"{name:11s} {parts}")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    db = _db(args)
+    rows = db.jobs_report(args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no jobs")
+    prio = {0: "stat", 1: "urgent", 2: "routine"}
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"]))
+        print(f"#{r['id']:<5} {when}  {r['status']:8s} {prio.get(r['priority'], '?'):8s} {r['model']:16s} "
+              f"{r['modality']:3s} {r['description'][:30]:30s} acc={r['accession']}")
+        if r["error"]:
+            print(f"       error: {r['error']}")
+        for name, value in r["summary"].get("volumes_ml", {}).items():
+            print(f"       {name}: {value:.1f} mL")
+        for f in r["summary"].get("findings", []):
+            print(f"       {f['name']}: p={f['probability']:.3f}{' POSITIVE' if f['positive'] else ''}")
+        for d in r["deliveries"]:
+            err = f" ({d['error']})" if d["error"] else ""
+            print(f"       -> {d['destination']}: {d['status']} after {d['attempts']} attempt(s){err}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    db = _db(args)
+    message = db.retry(args.id)
+    logging.getLogger("node.cli").info("operator retry: %s", message)
+    print(message)
+    return 0 if "again" in message else 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .manifest import discover, load_manifest
+
+    config = _config(args.config)
+    packages = discover(config.inference.models_dir)
+    if args.action == "list":
+        if not packages:
+            print(f"no model packages in {config.inference.models_dir}")
+        for name, folder in packages.items():
+            try:
+                m = load_manifest(folder)
+                onnx = "model.onnx present" if m.onnx_path.is_file() else "model.onnx MISSING"
+                demo = " DEMONSTRATION" if m.demonstration else ""
+                print(f"{name:20s} {m.version:8s} {m.task:14s} {m.input.kind:7s} {onnx}{demo}")
+            except ConfigError as exc:
+                print(f"{name:20s} INVALID: {exc}")
+        return 0
+    return _models_check(args, config, packages)
+
+
+def _models_check(args: argparse.Namespace, config: Config, packages: dict[str, Path]) -> int:
+    import numpy as np
+
+    from .infer import ModelRuntime
+    from .manifest import load_manifest
+    from .volume import SeriesVolume
+
+    if args.name not in packages:
+        print(f"no model {args.name!r} in {config.inference.models_dir}", file=sys.stderr)
+        return 2
+    runtime = ModelRuntime(load_manifest(packages[args.name]), config.inference.providers)
+    m = runtime.manifest
+    n = 1 if m.input.kind == "image" else max(2, m.input.batch_size)
+    size = tuple(int(s) for s in m.input.size[-2:]) or (128, 128)
+    pixels = np.random.default_rng(0).normal(0, 100, (n, *size)).astype(np.float32)
+    volume = SeriesVolume(pixels=pixels, headers=(), spacing=(1.0, 1.0, 1.0),
+                          modality=(m.input.modalities or ("OT",))[0], monochrome1=False)
+    pred = runtime.run(volume)
+    shape = pred.masks.shape if pred.masks is not None else pred.scores.shape  # type: ignore[union-attr]
+    print(f"{m.name} {m.version}: OK on {runtime.provider}; synthetic input {pixels.shape} -> {shape}; "
+          + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in pred.timings.items()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(slices=args.slices, size=args.size, keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ainode", description="DICOM node that runs AI models on incoming studies")
+    p.add_argument("--version", action="version", version=f"ainode {__version__}")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", help=f"configuration file (default {DEFAULT_CONFIG} if present)")
+        return sp
+
+    with_config(sub.add_parser("serve", help="run the node until Ctrl-C / SIGTERM")).set_defaults(func=cmd_serve)
+    d = sub.add_parser("demo", help="self-contained tour on loopback")
+    d.add_argument("--slices", type=int, default=64)
+    d.add_argument("--size", type=int, default=256)
+    d.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    d.set_defaults(func=cmd_demo)
+    for name, helptext in (("echo", "C-ECHO a peer"), ("send", "C-STORE files or folders to a peer")):
+        sp = sub.add_parser(name, help=helptext)
+        if name == "send":
+            sp.add_argument("paths", nargs="+")
+            sp.add_argument("--to", required=True, metavar="AE@HOST:PORT")
+        else:
+            sp.add_argument("peer", metavar="AE@HOST:PORT")
+        sp.add_argument("--aet", default="AINODE", help="our calling AE title")
+        sp.add_argument("--timeout", type=float, default=30.0)
+        sp.set_defaults(func=cmd_echo if name == "echo" else cmd_send)
+    s = with_config(sub.add_parser("status", help="counts of instances, series, jobs, deliveries"))
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+    j = with_config(sub.add_parser("jobs", help="recent jobs with results and deliveries"))
+    j.add_argument("--limit", type=int, default=20)
+    j.add_argument("--json", action="store_true")
+    j.set_defaults(func=cmd_jobs)
+    r = with_config(sub.add_parser("retry", help="queue a failed job, or a done job's deliveries, again"))
+    r.add_argument("id", type=int)
+    r.set_defaults(func=cmd_retry)
+    m = sub.add_parser("models", help="list or check model packages")
+    msub = m.add_subparsers(dest="action", required=True)
+    with_config(msub.add_parser("list")).set_defaults(func=cmd_models)
+    mc = with_config(msub.add_parser("check"))
+    mc.add_argument("name")
+    mc.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, ValueError) as exc:
+        print(f"ainode: {exc}", file=sys.stderr)
+        return 2
+    except NodeError as exc:
+        print(f"ainode: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

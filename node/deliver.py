@@ -1,0 +1,169 @@
+"""Deliver: C-ECHO and C-STORE to peers (results to the PACS, forwarded images, ``ainode send``).
+
+Files are sent as stored (pynetdicom reads them from disk without decoding), over one
+association per call, each file in its own transfer syntax when the peer accepts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from .errors import DeliveryError
+from .transport import tune
+
+log = logging.getLogger("node.deliver")
+
+_PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:@]+):(?P<port>\d{1,5})$")
+_MAX_CONTEXTS = 128
+
+
+@dataclass(frozen=True)
+class Peer:
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def parse_peer(text: str) -> Peer:
+    """Parse ``AE@HOST:PORT``.
+
+    Raises:
+        ValueError: with the expected form.
+    """
+    m = _PEER.match(text.strip())
+    if not m or not 0 < int(m["port"]) < 65536:
+        raise ValueError(f"{text!r} is not AE@HOST:PORT (e.g. PACS@10.0.0.5:104)")
+    return Peer(m["ae"], m["host"].strip("[]"), int(m["port"]))
+
+
+@dataclass
+class SendReport:
+    sent: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)   # (file, why)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def _ae(calling_ae: str, timeout: float) -> AE:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    return ae
+
+
+def echo(peer: Peer, calling_ae: str = "AINODE", timeout: float = 10.0) -> int:
+    """C-ECHO a peer; returns the status (0 is success).
+
+    Raises:
+        DeliveryError: the association could not be made.
+    """
+    ae = _ae(calling_ae, timeout)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        raise DeliveryError(f"{peer}: association {_why(assoc)}")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if not status:
+        raise DeliveryError(f"{peer}: no C-ECHO response")
+    return int(status.Status)
+
+
+def _headers(paths: Iterable[Path]) -> "OrderedDict[Path, tuple[str, str]]":
+    """(SOP Class UID, Transfer Syntax UID) of each file, read from its meta header."""
+    out: OrderedDict[Path, tuple[str, str]] = OrderedDict()
+    for path in paths:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        ts = str(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
+        sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", ""))
+        out[path] = (sop_class, ts)
+    return out
+
+
+def send_files(paths: Sequence[Path], peer: Peer, calling_ae: str = "AINODE",
+               timeout: float = 30.0) -> SendReport:
+    """C-STORE files to a peer over one association.
+
+    Raises:
+        DeliveryError: the association could not be made or broke; per-file refusals are in
+            the report instead.
+    """
+    report = SendReport()
+    readable: OrderedDict[Path, tuple[str, str]] = OrderedDict()
+    for path in paths:
+        try:
+            readable.update(_headers([path]))
+        except Exception as exc:  # noqa: BLE001 - a bad file is reported, the rest goes on
+            report.failed.append((str(path), f"not a readable DICOM file: {exc}"))
+    if not readable:
+        return report
+    ae = _ae(calling_ae, timeout)
+    pairs: OrderedDict[str, list[str]] = OrderedDict()
+    for sop_class, ts in readable.values():
+        syntaxes = pairs.setdefault(sop_class, [])
+        for uid in (ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if uid not in syntaxes:
+                syntaxes.append(uid)
+    if len(pairs) > _MAX_CONTEXTS:
+        raise DeliveryError(f"{peer}: {len(pairs)} SOP classes in one send; at most {_MAX_CONTEXTS}")
+    for sop_class, syntaxes in pairs.items():
+        ae.add_requested_context(sop_class, syntaxes)
+
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        raise DeliveryError(f"{peer}: association {_why(assoc)}")
+    tune(assoc)
+    try:
+        accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+        for path, (sop_class, ts) in readable.items():
+            if (sop_class, ts) not in accepted:
+                report.failed.append((str(path), f"peer accepts no context for {sop_class} in {ts}"))
+                continue
+            status = assoc.send_c_store(path)
+            if not assoc.is_established:
+                raise DeliveryError(f"{peer}: association lost while sending {path.name}")
+            code = int(status.Status) if status and "Status" in status else None
+            if code is None:
+                report.failed.append((str(path), "no response (timeout or aborted)"))
+            elif code in (0x0000, 0xB000, 0xB007, 0xB006):
+                report.sent += 1
+            else:
+                report.failed.append((str(path), f"peer answered status 0x{code:04X}"))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return report
+
+
+def _why(assoc: object) -> str:
+    if getattr(assoc, "is_rejected", False):
+        return "rejected by the peer (check its AE title configuration)"
+    if getattr(assoc, "is_aborted", False):
+        return "aborted by the peer"
+    return "failed (peer not reachable or not answering)"
+
+
+def backoff(attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
+    """Seconds before attempt ``attempt + 1``: exponential, capped, with +-10% jitter."""
+    delay = min(cap_s, base_s * (2 ** max(0, attempt - 1)))
+    return delay * (0.9 + 0.2 * (rng or random).random())

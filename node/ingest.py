@@ -1,0 +1,196 @@
+"""Ingest: the DICOM listener (C-ECHO and C-STORE of every storage SOP class).
+
+An instance is answered with Success only after its bytes are on disk (written atomically,
+exactly as received: no pixel decoding) and its row is committed. Every other outcome gets
+a named DICOM status and one log line that says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+                         ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
+                         JPEGExtended12Bit, JPEGLosslessSV1, JPEGLossless, JPEGLSLossless,
+                         JPEGLSNearLossless, RLELossless, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K)
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.sop_class import Verification
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.transport import ThreadedAssociationServer
+
+from .config import Config
+from .db import Database, InstanceRecord
+from .store import FileStore, valid_uid
+from .transport import FastRequestHandler
+
+log = logging.getLogger("node.ingest")
+
+# C-STORE response statuses (PS3.4 B.2.3, PS3.7 C.4.2.1.4)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+
+#: Transfer syntaxes accepted for storage, preferred first.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K, RLELossless,
+]
+
+_HEADER_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality", "PatientID",
+                "AccessionNumber", "SeriesDescription")
+
+
+@dataclass
+class IngestStats:
+    stored: int = 0
+    refused: int = 0
+    bytes: int = 0
+
+
+class Ingest:
+    """The node's storage SCP. ``start()`` listens in background threads; ``stop()`` ends it."""
+
+    def __init__(self, config: Config, store: FileStore, db: Database) -> None:
+        self.config = config
+        self.store = store
+        self.db = db
+        self.stats = IngestStats()
+        self._lock = threading.Lock()
+        self._server: ThreadedAssociationServer | None = None
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.config.node.ae_title)
+        ae.maximum_pdu_size = self.config.ingest.max_pdu_size
+        ae.maximum_associations = self.config.node.max_associations
+        ae.network_timeout = 60
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 60
+        if self.config.ingest.allowed_calling_aets:
+            ae.require_calling_aet = list(self.config.ingest.allowed_calling_aets)
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        return ae
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
+        address = (self.config.node.host, self.config.node.port)
+        server = self.ae.make_server(address, evt_handlers=handlers, server_class=ThreadedAssociationServer,
+                                     request_handler=FastRequestHandler)
+        thread = threading.Thread(target=server.serve_forever, name="ingest-server", daemon=True)
+        thread.start()
+        self._server = server
+        log.info("listening as %s on %s:%d", self.config.node.ae_title, address[0], self.port,
+                 extra={"ae_title": self.config.node.ae_title, "port": self.port})
+
+    def stop(self) -> None:
+        """Stop accepting; associations in progress are given a few seconds to finish."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        deadline = time.monotonic() + 10
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.ae.active_associations:
+            assoc.abort()
+        self._server = None
+
+    # ------------------------------------------------------------ handlers
+    def _on_echo(self, event: evt.Event) -> int:
+        log.info("C-ECHO from %s", event.assoc.requestor.ae_title)
+        return SUCCESS
+
+    def _on_requested(self, event: evt.Event) -> None:
+        r = event.assoc.requestor
+        log.info("association requested by %s from %s:%s", r.ae_title, r.address, r.port)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        r = event.assoc.requestor
+        log.warning("association from %s at %s rejected (calling AE title not allowed, or too many associations)",
+                    r.ae_title, r.address)
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        r = event.assoc.requestor
+        log.warning("association from %s at %s aborted; instances acknowledged before it are kept",
+                    r.ae_title, r.address)
+
+    def _on_store(self, event: evt.Event) -> int:
+        """Store one instance; always answers, never raises into pynetdicom."""
+        request = event.request
+        sop_uid = str(request.AffectedSOPInstanceUID or "")
+        calling = event.assoc.requestor.ae_title
+        try:
+            return self._store(event, sop_uid, calling)
+        except Exception:  # noqa: BLE001 - the peer must get an answer whatever happened
+            log.exception("C-STORE of %s from %s failed unexpectedly", sop_uid, calling)
+            with self._lock:
+                self.stats.refused += 1
+            return PROCESSING_FAILURE
+
+    def _refuse(self, status: int, message: str, *args: Any) -> int:
+        log.warning("refused 0x%04X: " + message, status, *args)
+        with self._lock:
+            self.stats.refused += 1
+        return status
+
+    def _store(self, event: evt.Event, sop_uid: str, calling: str) -> int:
+        floor = self.config.ingest.min_free_disk_mb
+        if floor and self.store.free_mb() < floor:
+            return self._refuse(OUT_OF_RESOURCES, "%s from %s: free disk below min_free_disk_mb=%d",
+                                sop_uid, calling, floor)
+        request = event.request
+        stream: BytesIO = request.DataSet
+        try:
+            ds = event.dataset
+            header = {k: str(ds.get(k, "") or "") for k in _HEADER_KEYS}
+        except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
+            return self._refuse(CANNOT_UNDERSTAND, "%s from %s: data set cannot be decoded: %s",
+                                sop_uid, calling, exc)
+        study_uid, series_uid = header["StudyInstanceUID"], header["SeriesInstanceUID"]
+        for name, uid in (("AffectedSOPInstanceUID", sop_uid), ("StudyInstanceUID", study_uid),
+                          ("SeriesInstanceUID", series_uid)):
+            if not valid_uid(uid):
+                return self._refuse(CANNOT_UNDERSTAND, "%s from %s: %s %r is missing or not a valid UID",
+                                    sop_uid or "?", calling, name, uid[:80])
+        if header["SOPInstanceUID"] != sop_uid:
+            return self._refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                                "%s from %s: SOPInstanceUID in the data set (%r) differs from the request",
+                                sop_uid, calling, header["SOPInstanceUID"][:80])
+
+        path = self.store.image_path(study_uid, series_uid, sop_uid)
+        meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+        size = self.store.write_atomic(path, (meta, stream.getbuffer()))
+        self.db.record_instance(InstanceRecord(
+            study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_uid,
+            sop_class_uid=str(request.AffectedSOPClassUID), transfer_syntax=str(event.context.transfer_syntax),
+            path=str(path), size=size, modality=header["Modality"][:16], patient_id=header["PatientID"][:64],
+            accession=header["AccessionNumber"][:16], series_description=header["SeriesDescription"][:64],
+            calling_aet=calling, called_aet=event.assoc.acceptor.ae_title))
+        with self._lock:
+            self.stats.stored += 1
+            self.stats.bytes += size
+        log.debug("stored %s (%d bytes) from %s", sop_uid, size, calling)
+        return SUCCESS

@@ -1,0 +1,274 @@
+"""The worker: the one place that knows every stage and moves work between them.
+
+Threads of a running node:
+
+* ``ingest``   — pynetdicom's listener (see :mod:`node.ingest`);
+* ``assemble`` — finds quiet series, matches routes, queues jobs and forwards;
+* ``infer``    — claims the most urgent job, loads the series, runs the model, encodes SEG/SR;
+* ``deliver``  — claims due deliveries and C-STOREs them, with backoff on failure.
+
+Every hand-over is a committed database row, so ``Node.start`` after a crash simply gives
+back what was in flight and carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Callable
+
+import pydicom
+
+from .assemble import plan_series, series_attributes
+from .config import Config
+from .db import Database, DeliveryRow, JobRow
+from .deliver import Peer, backoff, send_files
+from .encode import encode_classification, encode_segmentation
+from .errors import ConfigError, NodeError, PermanentError, RetryableError
+from .infer import ModelRuntime
+from .ingest import Ingest
+from .manifest import discover, load_manifest
+from .store import FileStore
+from .volume import load_series
+
+log = logging.getLogger("node.worker")
+
+MAX_JOB_ATTEMPTS = 3
+STALL_TIMEOUT_S = 300.0
+
+
+def load_models(config: Config) -> dict[str, ModelRuntime]:
+    """Load every model that a route names, once, and keep it warm.
+
+    Raises:
+        ConfigError: a route names a missing model, or a package is invalid.
+    """
+    packages = discover(config.inference.models_dir)
+    runtimes: dict[str, ModelRuntime] = {}
+    for route in config.routes:
+        for name in route.models:
+            if name in runtimes:
+                continue
+            if name not in packages:
+                raise ConfigError(f"route {route.name}: model {name!r} not found in "
+                                  f"{config.inference.models_dir} (have: {', '.join(packages) or 'none'})")
+            runtimes[name] = ModelRuntime(load_manifest(packages[name]), config.inference.providers)
+    return runtimes
+
+
+class Node:
+    """A running node: ingest plus the background stages, over one database and file store."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        config.node.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = FileStore(config.node.data_dir, fsync=config.ingest.fsync)
+        self.db = Database(config.node.effective_database_url)
+        self.db.create()
+        self.models = load_models(config)
+        self.ingest = Ingest(config, self.store, self.db)
+        self._stop = threading.Event()
+        self._jobs_ready = threading.Event()
+        self._deliveries_ready = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # ----------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        removed = self.store.clean_tmp()
+        given_back = self.db.requeue_stalled(heartbeat_before=time.time() + 1)
+        if removed or given_back:
+            log.info("recovered after restart: %d partial files removed, %d jobs/deliveries given back",
+                     removed, given_back)
+        self.ingest.start()
+        for name, target in (("assemble", self._assemble_loop), ("infer", self._infer_loop),
+                             ("deliver-1", self._deliver_loop), ("deliver-2", self._deliver_loop)):
+            thread = threading.Thread(target=self._guard(target), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let the current job and deliveries finish (up to ``timeout``)."""
+        self.ingest.stop()
+        self._stop.set()
+        self._jobs_ready.set()
+        self._deliveries_ready.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.1, deadline - time.monotonic()))
+        self.db.close()
+
+    def _guard(self, loop: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            while not self._stop.is_set():
+                try:
+                    loop()
+                    return
+                except Exception:  # noqa: BLE001 - a stage thread must outlive any one bug
+                    log.exception("%s loop failed; restarting it in 1 s", threading.current_thread().name)
+                    self._stop.wait(1.0)
+        return run
+
+    # ------------------------------------------------------------ assemble
+    def _assemble_loop(self) -> None:
+        timeout = self.config.ingest.series_timeout_s
+        tick = min(1.0, max(0.1, timeout / 5))
+        while not self._stop.wait(tick):
+            self.assemble_once(time.time() - timeout)
+
+    def assemble_once(self, quiet_since: float) -> int:
+        """Assemble every series quiet since ``quiet_since``; returns how many."""
+        done = 0
+        for series in self.db.quiet_series(quiet_since):
+            paths = self.db.series_paths(series.id)
+            try:
+                attributes = series_attributes(Path(paths[0]), series)
+            except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop assembly
+                log.error("series %s: cannot read its header (%s); no route applies", series.series_uid, exc)
+                attributes = {"CallingAETitle": series.calling_aet, "CalledAETitle": series.called_aet}
+            plan = plan_series(self.config, series, attributes)
+            if not self.db.assemble(series.id, series.last_received_at, plan.jobs, plan.forwards,
+                                    plan.explanation()):
+                continue  # an instance arrived meanwhile: it stays receiving
+            done += 1
+            matched = [d.route for d in plan.decisions if d.matched]
+            log.info("series %s complete (%d instances): routes %s; jobs %s; forwards %s",
+                     series.series_uid, len(paths), matched or "none",
+                     [j.model for j in plan.jobs] or "none", list(plan.forwards) or "none",
+                     extra={"series_uid": series.series_uid, "routes": plan.explanation()})
+            if plan.jobs:
+                self._jobs_ready.set()
+            if plan.forwards:
+                self._deliveries_ready.set()
+        return done
+
+    # --------------------------------------------------------------- infer
+    def _infer_loop(self) -> None:
+        while not self._stop.is_set():
+            job = self.db.claim_job()
+            if job is None:
+                self._jobs_ready.wait(1.0)
+                self._jobs_ready.clear()
+                continue
+            self.process_job(job)
+
+    def process_job(self, job: JobRow) -> None:
+        """Run one claimed job to done, queued (retry) or failed; never raises."""
+        series = self.db.get_series(job.series_id)
+        where = f"job {job.id} ({job.model} on series {series.series_uid})"
+        try:
+            summary, files = self._run_job(job, series.series_uid)
+        except PermanentError as exc:
+            log.error("%s failed: %s", where, exc, extra={"job_id": job.id})
+            self.db.fail_job(job.id, str(exc))
+            return
+        except (RetryableError, Exception) as exc:  # noqa: BLE001 - unknown errors get a bounded retry
+            again = job.attempts < MAX_JOB_ATTEMPTS
+            if isinstance(exc, NodeError):
+                log.error("%s: %s (attempt %d%s)", where, exc, job.attempts, ", will retry" if again else "")
+            else:
+                log.exception("%s: unexpected error (attempt %d%s)", where, job.attempts,
+                              ", will retry" if again else "")
+            self.db.fail_job(job.id, f"{type(exc).__name__}: {exc}", retry=again)
+            return
+        self.db.finish_job(job.id, files, summary, job.destinations)
+        log.info("%s done in %.2f s: %s", where, sum(summary["timings"].values()),
+                 ", ".join(f"{k} {v:.2f}s" for k, v in summary["timings"].items()),
+                 extra={"job_id": job.id, "timings": summary["timings"]})
+        if job.destinations:
+            self._deliveries_ready.set()
+
+    def _run_job(self, job: JobRow, series_uid: str) -> tuple[dict[str, Any], list[str]]:
+        runtime = self.models.get(job.model)
+        if runtime is None:
+            raise PermanentError(f"model {job.model!r} is not loaded (no route names it any more)")
+        manifest = runtime.manifest
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        volume = load_series([Path(p) for p in self.db.series_paths(job.series_id)])
+        timings["decode"] = time.perf_counter() - t
+        self.db.heartbeat(job.id)
+
+        prediction = runtime.run(volume)
+        timings.update(prediction.timings)
+        self.db.heartbeat(job.id)
+
+        t = time.perf_counter()
+        job_key = f"{series_uid}|{manifest.name}|{manifest.version}"
+        summary: dict[str, Any] = {"model": manifest.name, "version": manifest.version,
+                                   "provider": prediction.provider, "slices": int(volume.pixels.shape[0])}
+        if prediction.masks is not None:
+            result = encode_segmentation(volume.headers, prediction.masks, manifest, job_key)
+            outputs = {"seg.dcm": result.seg, "sr.dcm": result.sr}
+            summary["volumes_ml"] = {v.name: round(v.volume_ml, 3) for v in result.volumes}
+        else:
+            assert prediction.scores is not None
+            sr, findings = encode_classification(volume.headers, prediction.scores, manifest, job_key)
+            outputs = {"sr.dcm": sr}
+            summary["findings"] = [dict(name=f.name, probability=round(f.probability, 4), positive=f.positive,
+                                        priority=f.priority) for f in findings]
+        files = self._write_results(job.id, outputs)
+        timings["encode"] = time.perf_counter() - t
+        summary["timings"] = {k: round(v, 4) for k, v in timings.items()}
+        return summary, files
+
+    def _write_results(self, job_id: int, outputs: dict[str, pydicom.Dataset]) -> list[str]:
+        folder = self.store.result_dir(job_id)
+        files = []
+        for name, ds in outputs.items():
+            buf = BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            path = folder / name
+            self.store.write_atomic(path, (buf.getbuffer(),))
+            files.append(str(path))
+        return files
+
+    # ------------------------------------------------------------- deliver
+    def _deliver_loop(self) -> None:
+        while not self._stop.is_set():
+            delivery = self.db.claim_delivery()
+            if delivery is None:
+                due = self.db.next_delivery_due()
+                wait = 1.0 if due is None else min(1.0, max(0.05, due - time.time()))
+                self._deliveries_ready.wait(wait)
+                self._deliveries_ready.clear()
+                continue
+            self.process_delivery(delivery)
+
+    def process_delivery(self, delivery: DeliveryRow) -> None:
+        """Send one claimed delivery; success, a scheduled retry or failure; never raises."""
+        cfg = self.config.delivery
+        where = f"delivery {delivery.id} ({delivery.kind} to {delivery.destination})"
+        try:
+            dest = self.config.destination(delivery.destination)
+        except ConfigError:
+            self.db.defer_delivery(delivery.id, f"destination {delivery.destination!r} is no longer configured", None)
+            log.error("%s failed: destination no longer configured", where)
+            return
+        files = (self.db.job_results(delivery.job_id) if delivery.job_id is not None
+                 else self.db.series_paths(delivery.series_id))
+        peer = Peer(dest.ae_title, dest.host, dest.port)
+        t = time.perf_counter()
+        try:
+            report = send_files([Path(f) for f in files], peer, self.config.node.ae_title, cfg.timeout_s)
+            error = "; ".join(f"{Path(f).name}: {why}" for f, why in report.failed[:5])
+        except NodeError as exc:
+            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - any network failure is a retry, not a crash
+            log.exception("%s: unexpected error", where)
+            error = f"{type(exc).__name__}: {exc}"
+        if not error:
+            self.db.finish_delivery(delivery.id)
+            log.info("%s: %d files sent in %.2f s", where, len(files), time.perf_counter() - t,
+                     extra={"delivery_id": delivery.id})
+            return
+        if delivery.attempts >= cfg.max_attempts:
+            self.db.defer_delivery(delivery.id, error, None)
+            log.error("%s failed after %d attempts: %s (ainode retry to send again)", where,
+                      delivery.attempts, error)
+        else:
+            delay = backoff(delivery.attempts, cfg.backoff_s, cfg.backoff_max_s)
+            self.db.defer_delivery(delivery.id, error, time.time() + delay)
+            log.warning("%s attempt %d failed: %s; next try in %.0f s", where, delivery.attempts, error, delay)
