@@ -62,7 +62,7 @@ def match_route(route: Route, attributes: Mapping[str, Any]) -> RouteDecision:
     """Every key of ``route.match`` must have a value matching one of its patterns."""
     for key, patterns in route.match:
         values = [v.strip() for v in _values(attributes.get(key))]
-        if not values:
+        if not any(values):
             return RouteDecision(route.name, False, f"{key} is absent")
         if not any(_pattern(p).match(v) for p in patterns for v in values):
             shown = "\\".join(values)[:64]

@@ -28,7 +28,7 @@ from sqlalchemy import (Float, ForeignKey, Integer, String, Text, UniqueConstrai
                         event, func, select, text, update)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 
 class SeriesStatus(str, enum.Enum):
@@ -249,8 +249,8 @@ class Database:
         stmt = (select(Series, Study.study_uid).join(Study, Series.study_id == Study.id)
                 .where(Series.status == SeriesStatus.RECEIVING.value, Series.last_received_at < quiet_since)
                 .order_by(Series.last_received_at))
-        with self.engine.connect() as conn:
-            return [_series_row(s, uid) for s, uid in conn.execute(stmt).all()]
+        with Session(self.engine) as session:
+            return [_series_row(s, uid) for s, uid in session.execute(stmt).all()]
 
     def series_paths(self, series_id: int) -> list[str]:
         with self.engine.connect() as conn:
@@ -258,8 +258,8 @@ class Database:
                                      .order_by(Instance.id)).scalars())
 
     def get_series(self, series_id: int) -> SeriesRow:
-        with self.engine.connect() as conn:
-            s, uid = conn.execute(select(Series, Study.study_uid).join(Study, Series.study_id == Study.id)
+        with Session(self.engine) as session:
+            s, uid = session.execute(select(Series, Study.study_uid).join(Study, Series.study_id == Study.id)
                                   .where(Series.id == series_id)).one()
             return _series_row(s, uid)
 
@@ -431,7 +431,7 @@ class Database:
                        Study.accession)
                 .join(Series, Job.series_id == Series.id).join(Study, Series.study_id == Study.id)
                 .order_by(Job.id.desc()).limit(limit))
-        with self.engine.connect() as conn:
+        with Session(self.engine) as conn:
             rows = conn.execute(stmt).all()
             out = []
             for job, series_uid, modality, description, study_uid, accession in rows:
@@ -452,7 +452,7 @@ class Database:
         stmt = select(Delivery).order_by(Delivery.id.desc()).limit(limit)
         if status:
             stmt = stmt.where(Delivery.status == status)
-        with self.engine.connect() as conn:
+        with Session(self.engine) as conn:
             return [dict(id=d.id, kind=d.kind, job_id=d.job_id, series_id=d.series_id,
                          destination=d.destination, status=d.status, attempts=d.attempts,
                          error=d.error) for (d,) in conn.execute(stmt).all()]
