@@ -8,6 +8,7 @@ a named DICOM status and one log line that says why.
 from __future__ import annotations
 
 import logging
+import socketserver
 import threading
 import time
 from dataclasses import dataclass
@@ -109,7 +110,9 @@ class Ingest:
         """Stop accepting; associations in progress are given a few seconds to finish."""
         if self._server is None:
             return
-        self._server.shutdown()
+        # make_server() does not register the server with the AE, so pynetdicom's own
+        # shutdown() (which unregisters it) does not apply: stop the socketserver directly.
+        socketserver.TCPServer.shutdown(self._server)
         self._server.server_close()
         deadline = time.monotonic() + 10
         while self.ae.active_associations and time.monotonic() < deadline:
