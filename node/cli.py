@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import pydicom
+
 from . import __version__
 from .config import Config, load_config
 from .errors import ConfigError, NodeError
@@ -37,6 +39,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .worker import Node
 
     config = _config(args.config)
+    # Received headers are read leniently (every problem that matters is checked and logged
+    # by the node itself); pydicom's per-value warnings would only flood the log.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     node = Node(config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -158,9 +158,8 @@ def send_files(paths: Sequence[Path], peer: Peer, calling_ae: str = "AINODE",
 def _why(assoc: object) -> str:
     if getattr(assoc, "is_rejected", False):
         return "rejected by the peer (check its AE title configuration)"
-    if getattr(assoc, "is_aborted", False):
-        return "aborted by the peer"
-    return "failed (peer not reachable or not answering)"
+    # pynetdicom reports a refused TCP connection as an abort too
+    return "failed: peer not reachable, refused the connection or aborted"
 
 
 def backoff(attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:

@@ -32,7 +32,7 @@ MODEL = "ct-tissue"
 class DemoPacs:
     """A minimal receiving PACS: a storage SCP that keeps what it receives in memory."""
 
-    def __init__(self, ae_title: str = "DEMOPACS") -> None:
+    def __init__(self, ae_title: str = "DEMOPACS", port: int = 0) -> None:
         self.ae_title = ae_title
         self.received: list[tuple[float, pydicom.Dataset]] = []
         self._lock = threading.Lock()
@@ -41,7 +41,7 @@ class DemoPacs:
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         self._ae = ae
-        self._server = ae.start_server(("127.0.0.1", 0), block=False,
+        self._server = ae.start_server(("127.0.0.1", port), block=False,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
         self.port = int(self._server.server_address[1])
 

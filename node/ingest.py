@@ -93,7 +93,7 @@ class Ingest:
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
         ]
@@ -126,9 +126,9 @@ class Ingest:
         log.info("C-ECHO from %s", event.assoc.requestor.ae_title)
         return SUCCESS
 
-    def _on_requested(self, event: evt.Event) -> None:
+    def _on_accepted(self, event: evt.Event) -> None:
         r = event.assoc.requestor
-        log.info("association requested by %s from %s:%s", r.ae_title, r.address, r.port)
+        log.info("association from %s at %s:%s accepted", r.ae_title, r.address, r.port)
 
     def _on_rejected(self, event: evt.Event) -> None:
         r = event.assoc.requestor

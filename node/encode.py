@@ -1,0 +1,368 @@
+"""Encode stage: model output to DICOM result objects.
+
+A segmentation becomes a DICOM Segmentation (SEG, BINARY, one segment per manifest segment,
+SNOMED CT coded) and a Comprehensive 3D SR with a TID 1500 Measurement Report holding one
+volume per segment, each referencing its SEG segment. A classification becomes a TID 1500
+SR with, per finding, the coded finding, its probability, whether it is present (above its
+threshold) and, when present, the triage priority.
+
+Every UID of an output is derived from the job key, so encoding the same job again yields
+the same objects' identities and a re-send replaces rather than duplicates.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from . import __version__
+from .errors import InputError
+from .manifest import Algorithm, Code as ManifestCode, ModelManifest
+
+SEG_SERIES_NUMBER = 9901
+SEGMENTATION_SR_SERIES_NUMBER = 9902
+CLASSIFICATION_SR_SERIES_NUMBER = 9903
+MANUFACTURER = "pacs-ai-node"
+
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:pacs-ai-node:result-uid")
+_MILLILITER = Code("ml", "UCUM", "milliliter")
+_NO_UNITS = Code("1", "UCUM", "no units")
+_PROCEDURES = {      # CID 100 Quantitative Diagnostic Imaging Procedures, by Modality
+    "CT": Code("25045-6", "LN", "CT unspecified body region"),
+    "MR": Code("25056-3", "LN", "MRI unspecified body region"),
+    "PT": Code("44136-0", "LN", "PET unspecified body region"),
+    "NM": Code("49118-3", "LN", "NM unspecified body region"),
+    "CR": Code("43468-8", "LN", "XR unspecified body region"),
+    "DX": Code("43468-8", "LN", "XR unspecified body region"),
+}
+_PRIORITIES = {
+    "stat": Code("49499008", "SCT", "Stat"),
+    "urgent": Code("103391001", "SCT", "Urgent"),
+    "routine": Code("50811001", "SCT", "Routine"),
+}
+_PRIORITY = Code("260870009", "SCT", "Priority")
+
+
+def derive_uid(*parts: str) -> str:
+    """Return the UID ``2.25.<n>`` that belongs to ``parts``; equal parts give equal UIDs."""
+    key = "".join(f"{len(p)}:{p};" for p in parts)
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, key).int}"
+
+
+@dataclass(frozen=True)
+class SegmentVolume:
+    """Size of one segment: ``label`` as in the manifest, ``volume_ml`` in millilitres."""
+
+    label: int
+    name: str
+    voxels: int
+    volume_ml: float
+
+
+@dataclass(frozen=True)
+class SegmentationResult:
+    """The SEG, the SR that measures it, and the volumes written into the SR."""
+
+    seg: pydicom.Dataset
+    sr: pydicom.Dataset
+    volumes: tuple[SegmentVolume, ...]
+
+
+@dataclass(frozen=True)
+class FindingResult:
+    """One classified finding; ``priority`` is only meaningful when ``positive``."""
+
+    name: str
+    probability: float
+    positive: bool
+    priority: str
+
+
+def encode_segmentation(sources: Sequence[pydicom.Dataset], masks: np.ndarray,
+                        manifest: ModelManifest, job_key: str) -> SegmentationResult:
+    """Encode per-segment masks of a series as a SEG and a volumetric TID 1500 SR.
+
+    ``sources`` are the series' single-frame images (headers suffice) in the order of
+    ``masks`` axis 0; ``masks`` is boolean ``(slices, rows, columns, segments)`` with channel
+    ``i`` being ``manifest.segments[i]``. Segments may overlap and may be empty.
+
+    Raises:
+        InputError: the masks do not match the sources or the manifest, or the series
+            geometry cannot give a slice spacing.
+    """
+    _check_masks(sources, masks, manifest)
+    planes = _channel_planes(masks)
+    counts = _voxel_counts(planes)
+    volumes = _volumes(sources, counts, manifest)
+
+    tracking_uids = tuple(derive_uid(job_key, f"segment-{i + 1}")
+                          for i in range(len(manifest.segments)))
+    seg = _segmentation(sources, _pixel_array(planes, counts), manifest, job_key,
+                        tracking_uids)
+    algorithm_id = _algorithm_id(manifest.algorithm)
+    source_series = hd.sr.SourceSeriesForSegmentation(sources[0].SeriesInstanceUID)
+    groups = [
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=tracking_uids[i], identifier=_lo(segment.name)),
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+                segment_number=i + 1, source_series=source_series),
+            finding_type=_code(segment.type),
+            finding_category=_code(segment.category),
+            measurements=[hd.sr.Measurement(
+                name=codes.SCT.Volume, value=volume.volume_ml, unit=_MILLILITER,
+                algorithm_id=algorithm_id)])
+        for i, (segment, volume) in enumerate(zip(manifest.segments, volumes))]
+    sr = _report(sources, [seg], groups, manifest, job_key, "segmentation-sr",
+                 SEGMENTATION_SR_SERIES_NUMBER)
+    return SegmentationResult(seg=seg, sr=sr, volumes=volumes)
+
+
+def encode_classification(sources: Sequence[pydicom.Dataset], scores: np.ndarray,
+                          manifest: ModelManifest, job_key: str
+                          ) -> tuple[pydicom.Dataset, tuple[FindingResult, ...]]:
+    """Encode per-finding probabilities of a series as a TID 1500 SR.
+
+    ``scores[finding.index]`` is the probability of each manifest finding; a finding is
+    positive when its probability reaches its threshold.
+
+    Raises:
+        InputError: ``scores`` is too short for the manifest's finding indices.
+    """
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if not sources:
+        raise InputError("encode: no source images")
+    if manifest.findings and max(f.index for f in manifest.findings) >= scores.size:
+        raise InputError(f"encode: {scores.size} scores for findings of {manifest.name} "
+                         f"up to index {max(f.index for f in manifest.findings)}")
+    algorithm_id = _algorithm_id(manifest.algorithm)
+    results = []
+    groups = []
+    for finding in manifest.findings:
+        probability = float(scores[finding.index])
+        positive = probability >= finding.threshold
+        results.append(FindingResult(name=finding.name, probability=probability,
+                                     positive=positive, priority=finding.priority))
+        evaluations = [hd.sr.QualitativeEvaluation(
+            name=_code(finding.code),
+            value=codes.SCT.Present if positive else codes.SCT.Absent)]
+        if positive:
+            evaluations.append(hd.sr.QualitativeEvaluation(
+                name=_PRIORITY, value=_PRIORITIES[finding.priority]))
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=derive_uid(job_key, f"finding-{finding.index}"),
+                identifier=_lo(finding.name)),
+            finding_type=_code(finding.code),
+            algorithm_id=algorithm_id,
+            measurements=[hd.sr.Measurement(
+                name=codes.DCM.Probability, value=probability, unit=_NO_UNITS,
+                algorithm_id=algorithm_id)],
+            qualitative_evaluations=evaluations))
+    sr = _report(sources, [], groups, manifest, job_key, "classification-sr",
+                 CLASSIFICATION_SR_SERIES_NUMBER)
+    return sr, tuple(results)
+
+
+def _segmentation(sources: Sequence[pydicom.Dataset], pixel_array: np.ndarray,
+                  manifest: ModelManifest, job_key: str,
+                  tracking_uids: Sequence[str]) -> hd.seg.Segmentation:
+    """A BINARY SEG with segment ``i + 1`` for ``manifest.segments[i]``."""
+    algorithm = manifest.algorithm
+    algorithm_seq = hd.AlgorithmIdentificationSequence(
+        name=algorithm.name, family=_algorithm_family(algorithm),
+        version=algorithm.version, source=algorithm.manufacturer)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=i + 1,
+            segment_label=_lo(segment.name),
+            segmented_property_category=_code(segment.category),
+            segmented_property_type=_code(segment.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm_seq,
+            tracking_uid=tracking_uids[i],
+            tracking_id=_lo(segment.name),
+            display_color=hd.color.CIELabColor.from_rgb(*segment.color))
+        for i, segment in enumerate(manifest.segments)]
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=pixel_array,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=derive_uid(job_key, "seg-series"),
+            series_number=SEG_SERIES_NUMBER,
+            sop_instance_uid=derive_uid(job_key, "seg-instance"),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=_lo(algorithm.name),
+            software_versions=_software_versions(manifest),
+            device_serial_number=_lo(f"{manifest.name}-{manifest.version}"),
+            content_label="AI_SEGMENTATION",
+            content_description=_lo(f"{algorithm.name} {algorithm.version}"),
+            content_creator_name=f"{MANUFACTURER}^",
+            series_description=_series_description("SEG", manifest),
+            omit_empty_frames=True)
+    except ValueError as exc:          # highdicom's message names the rule that was broken
+        raise InputError(f"encode: cannot derive a SEG from the series: {exc}") from exc
+    # highdicom draws this UID at random; derive it so that a re-run is identical.
+    uid = derive_uid(job_key, "seg-dimension-organization")
+    for item in [*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence]:
+        item.DimensionOrganizationUID = uid
+    return seg
+
+
+def _report(sources: Sequence[pydicom.Dataset], results: Sequence[pydicom.Dataset],
+            groups: Sequence[hd.sr.MeasurementsAndQualitativeEvaluations],
+            manifest: ModelManifest, job_key: str, purpose: str,
+            series_number: int) -> hd.sr.Comprehensive3DSR:
+    """A Comprehensive 3D SR with a TID 1500 Measurement Report of ``groups``."""
+    algorithm = manifest.algorithm
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derive_uid("device", algorithm.manufacturer, algorithm.name, algorithm.version),
+            name=_lo(algorithm.name), manufacturer_name=_lo(algorithm.manufacturer),
+            model_name=_lo(manifest.name)))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=_PROCEDURES.get(str(sources[0].get("Modality", "")),
+                                           codes.SCT.ImagingProcedure),
+        imaging_measurements=groups)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[*sources, *results],
+        content=report[0],
+        series_instance_uid=derive_uid(job_key, f"{purpose}-series"),
+        series_number=series_number,
+        sop_instance_uid=derive_uid(job_key, f"{purpose}-instance"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False)
+    sr.SeriesDescription = _series_description("SR", manifest)
+    sr.ManufacturerModelName = _lo(algorithm.name)
+    sr.SoftwareVersions = _software_versions(manifest)
+    return sr
+
+
+def _check_masks(sources: Sequence[pydicom.Dataset], masks: np.ndarray,
+                 manifest: ModelManifest) -> None:
+    if not sources:
+        raise InputError("encode: no source images")
+    if masks.dtype != np.bool_ or masks.ndim != 4:
+        raise InputError(f"encode: masks must be a 4-D bool array, got {masks.ndim}-D "
+                         f"{masks.dtype}")
+    expected = (len(sources), int(sources[0].Rows), int(sources[0].Columns),
+                len(manifest.segments))
+    if masks.shape != expected:
+        raise InputError(f"encode: masks shape {masks.shape} does not match "
+                         f"(slices, rows, columns, segments) = {expected}")
+
+
+def _channel_planes(masks: np.ndarray) -> np.ndarray:
+    """``masks`` as (segments, slices, rows, columns) with each plane contiguous."""
+    planes = np.moveaxis(masks, 3, 0)
+    if masks.strides[2] != masks.itemsize or masks.strides[1] != masks.shape[2] * masks.itemsize:
+        planes = np.ascontiguousarray(planes)
+    return planes
+
+
+def _voxel_counts(planes: np.ndarray) -> np.ndarray:
+    """Foreground voxels per (slice, segment)."""
+    counts = np.empty(planes.shape[1::-1], dtype=np.int64)
+    for i, channel in enumerate(planes):
+        for z, plane in enumerate(channel):
+            counts[z, i] = np.count_nonzero(plane)
+    return counts
+
+
+def _pixel_array(planes: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """A label map when no voxel lies in two segments, else the stacked masks."""
+    n_segments = planes.shape[0]
+    if n_segments == 1:
+        return planes[0]
+    stacked = np.moveaxis(planes, 0, -1)
+    if n_segments > 255:
+        return stacked
+    present = [i for i in range(n_segments) if counts[:, i].any()]
+    covered = np.zeros(planes.shape[1:], dtype=np.bool_)
+    for i in present:
+        if np.logical_and(covered, planes[i]).any():
+            return stacked
+        np.logical_or(covered, planes[i], out=covered)
+    labels = np.zeros(planes.shape[1:], dtype=np.uint8)
+    for i in present:
+        np.copyto(labels, np.uint8(i + 1), where=planes[i])
+    return labels
+
+
+def _slice_thicknesses(sources: Sequence[pydicom.Dataset]) -> np.ndarray:
+    """Thickness in mm that each slice stands for, from positions along the slice normal."""
+    try:
+        if len(sources) == 1:
+            return np.array([float(sources[0].get("SpacingBetweenSlices")
+                                   or sources[0].SliceThickness)])
+        iop = np.asarray(sources[0].ImageOrientationPatient, dtype=np.float64)
+        positions = np.array([ds.ImagePositionPatient for ds in sources], dtype=np.float64)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise InputError(f"encode: source geometry unusable for volumes: {exc}") from None
+    gaps = np.abs(np.diff(positions @ np.cross(iop[:3], iop[3:])))
+    if not np.all(gaps > 1e-4):
+        raise InputError("encode: two source slices lie at the same position along the normal")
+    if len(gaps) == 1:
+        return np.repeat(gaps, 2)
+    # A slice stands for half the gap to each neighbour, the first and last for a full gap.
+    return np.concatenate([gaps[:1], (gaps[:-1] + gaps[1:]) / 2, gaps[-1:]])
+
+
+def _volumes(sources: Sequence[pydicom.Dataset], counts: np.ndarray,
+             manifest: ModelManifest) -> tuple[SegmentVolume, ...]:
+    row_mm, col_mm = (float(v) for v in sources[0].PixelSpacing)
+    ml = (counts * _slice_thicknesses(sources)[:, None]).sum(axis=0) * row_mm * col_mm / 1000
+    return tuple(
+        SegmentVolume(label=s.label, name=s.name, voxels=int(counts[:, i].sum()),
+                      volume_ml=float(ml[i]))
+        for i, s in enumerate(manifest.segments))
+
+
+def _algorithm_id(algorithm: Algorithm) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 Algorithm Identification of the model."""
+    return hd.sr.AlgorithmIdentification(
+        name=algorithm.name, version=algorithm.version, family=_algorithm_family(algorithm),
+        manufacturer=algorithm.manufacturer)
+
+
+def _algorithm_family(algorithm: Algorithm) -> Code:
+    """The CID 7162 code whose meaning is the algorithm's family, else Artificial Intelligence."""
+    for code in codes.cid7162.concepts.values():
+        if code.meaning.lower() == algorithm.family.lower():
+            return code
+    return codes.cid7162.ArtificialIntelligence
+
+
+def _code(code: ManifestCode) -> Code:
+    return Code(code.value, code.scheme, code.meaning)
+
+
+def _lo(text: str) -> str:
+    """``text`` cut to the 64 characters of a LO element."""
+    return text[:64]
+
+
+def _series_description(kind: str, manifest: ModelManifest) -> str:
+    """``AI <kind> <model> <version>``, ending in ``DEMO`` for demonstration models."""
+    demo = " DEMO" if manifest.demonstration else ""
+    return _lo(f"AI {kind} {manifest.name} {manifest.version}")[:64 - len(demo)] + demo
+
+
+def _software_versions(manifest: ModelManifest) -> list[str]:
+    return [_lo(f"pacs-ai-node {__version__}"), _lo(f"{manifest.name} {manifest.version}")]

@@ -1,0 +1,115 @@
+"""Run ``ainode serve`` as a real process for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_models(folder: Path) -> Path:
+    """A models folder with ct-tissue built by its own script (the repository stays clean)."""
+    target = folder / "ct-tissue"
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "models" / "ct-tissue" / "model.toml", target / "model.toml")
+    runpy.run_path(str(REPO / "models" / "ct-tissue" / "build.py"))["build"](target / "model.onnx")
+    return folder
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(value)
+
+
+def write_config(path: Path, sections: dict[str, Any]) -> Path:
+    lines = []
+    for name, body in sections.items():
+        if isinstance(body, list):
+            for item in body:
+                lines.append(f"[[{name}]]")
+                lines += [f"{k} = {toml_value(v)}" for k, v in item.items()]
+        else:
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in body.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class NodeProcess:
+    config: Path
+    port: int
+    data_dir: Path
+    log: Path
+    ae_title: str = "AINODE"
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    def start(self, timeout: float = 30.0) -> "NodeProcess":
+        out = self.log.open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(REPO))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"ainode serve exited with {self.process.returncode}:\n{self.log_text()}")
+            if self.echo():
+                return self
+            time.sleep(0.1)
+        raise AssertionError(f"ainode serve did not answer C-ECHO within {timeout} s:\n{self.log_text()}")
+
+    def echo(self) -> bool:
+        ae = AE(ae_title="PROBE")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.connection_timeout = 2
+        assoc = ae.associate("127.0.0.1", self.port, ae_title=self.ae_title)
+        if not assoc.is_established:
+            return False
+        status = assoc.send_c_echo()
+        assoc.release()
+        return bool(status) and status.Status == 0
+
+    def stop(self) -> int:
+        """Graceful stop (SIGTERM); returns the exit code."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "node.cli", *args, "--config", str(self.config)],
+                              capture_output=True, text=True, cwd=str(REPO), timeout=60)

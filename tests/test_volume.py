@@ -1,0 +1,296 @@
+"""Building the model input from stored DICOM files: order, values, geometry checks."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import UID
+
+from node.errors import InputError
+from node.phantom import SUPPORTED_TRANSFER_SYNTAXES, make_ct_series, phantom_volume
+from node.volume import load_series
+
+SLICES, SIZE, SEED = 16, 64, 7
+
+
+@pytest.fixture()
+def series(tmp_path):
+    return make_ct_series(tmp_path / "ct", SLICES, SIZE, seed=SEED)
+
+
+@pytest.fixture(scope="module")
+def truth():
+    return phantom_volume(SLICES, SIZE, SEED)[0].astype(np.float32)
+
+
+def _edit(path: Path, change) -> None:
+    ds = pydicom.dcmread(path)
+    change(ds)
+    ds.save_as(path)
+
+
+@pytest.mark.parametrize("order", ["given", "reversed", "by_name", "shuffled"])
+def test_slices_sorted_by_geometry(series, truth, order):
+    files = list(series.files)
+    if order == "reversed":
+        files.reverse()
+    elif order == "by_name":
+        files.sort(key=lambda p: p.name)
+    elif order == "shuffled":
+        random.Random(1).shuffle(files)
+    vol = load_series(files)
+    assert vol.pixels.dtype == np.float32 and vol.shape == (SLICES, SIZE, SIZE)
+    assert np.array_equal(vol.pixels, truth)
+    assert vol.spacing == series.spacing and vol.modality == "CT" and not vol.monochrome1
+    z = [p[2] for p in vol.positions]
+    assert z == sorted(z)
+    assert [h.InstanceNumber for h in vol.headers] == list(range(SLICES, 0, -1))
+    assert all("PixelData" not in h for h in vol.headers)
+    assert vol.frames == (0,) * SLICES and vol.orientation == (1, 0, 0, 0, 1, 0)
+    for k in (0, 5, SLICES - 1):                      # index -> patient mm
+        ipp = vol.affine @ np.array([k, 0, 0, 1])
+        assert np.allclose(ipp[:3], [float(v) for v in vol.headers[k].ImagePositionPatient])
+    last = vol.affine @ np.array([0, SIZE - 1, SIZE - 1, 1])
+    assert np.allclose(last[:2], -np.array(vol.origin[:2]))    # centred field of view
+
+
+def test_oblique_stack_sorted_along_normal(tmp_path):
+    """Sagittal-like orientation: the order follows the normal, not any one coordinate."""
+    phantom = make_ct_series(tmp_path, 6, 32, seed=2)
+    row, col = np.array([0.0, 1, 0]), np.array([0.6, 0, -0.8])
+    normal = np.cross(row, col)
+    for k, path in enumerate(phantom.files):
+        pos = np.array([10.0, -20, 30]) + 2.5 * k * normal + 0.4 * k * row   # gantry tilt
+        _edit(path, lambda ds, pos=pos: (
+            setattr(ds, "ImageOrientationPatient", [f"{v:g}" for v in (*row, *col)]),
+            setattr(ds, "ImagePositionPatient", [f"{v:.6f}" for v in pos])))
+    vol = load_series(list(reversed(phantom.files)))
+    assert np.array_equal(vol.pixels, phantom_volume(6, 32, 2)[0])
+    assert vol.spacing[0] == pytest.approx(2.5)
+    assert np.allclose(vol.normal, normal)
+    assert np.allclose(vol.affine @ [5, 0, 0, 1], [*vol.positions[5], 1])
+
+
+def test_rescale_applied_per_slice(series, truth):
+    files = list(series.files)
+
+    def double_with_half_slope(ds):
+        ds.PixelData = (ds.pixel_array.astype(np.uint16) * 2).tobytes()
+        ds.BitsStored, ds.HighBit, ds.RescaleSlope = 16, 15, "0.5"
+
+    def shift_intercept(ds):
+        ds.PixelData = (ds.pixel_array.astype(np.uint16) + 100).tobytes()
+        ds.BitsStored, ds.HighBit, ds.RescaleIntercept = 16, 15, "-1124"
+
+    _edit(files[3], double_with_half_slope)
+    _edit(files[9], shift_intercept)
+    assert np.array_equal(load_series(files).pixels, truth)
+
+
+def test_signed_values_and_unused_high_bits(tmp_path, truth):
+    signed = make_ct_series(tmp_path / "signed", SLICES, SIZE, seed=SEED, signed=True)
+    assert pydicom.dcmread(signed.files[0]).PixelRepresentation == 1
+    assert np.array_equal(load_series(signed.files).pixels, truth)
+
+    # 12 bits stored in 16: junk in the top 4 bits (old overlays) must not leak into HU.
+    plain = make_ct_series(tmp_path / "plain", SLICES, SIZE, seed=SEED)
+    _edit(plain.files[2], lambda ds: setattr(
+        ds, "PixelData", (ds.pixel_array.astype(np.uint16) | 0xA000).tobytes()))
+    assert np.array_equal(load_series(plain.files).pixels, truth)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+@pytest.mark.parametrize("ts", SUPPORTED_TRANSFER_SYNTAXES, ids=lambda t: UID(t).keyword)
+def test_every_transfer_syntax_gives_identical_pixels(tmp_path, ts, signed):
+    plain = make_ct_series(tmp_path / "plain", 8, 48, seed=4, signed=signed)
+    coded = make_ct_series(tmp_path / "coded", 8, 48, seed=4, signed=signed, transfer_syntax=ts)
+    assert pydicom.dcmread(coded.files[0]).file_meta.TransferSyntaxUID == ts
+    a, b = load_series(plain.files), load_series(list(reversed(coded.files)))
+    assert np.array_equal(a.pixels, b.pixels)
+    assert a.spacing == b.spacing and a.positions == b.positions
+    assert all("PixelData" not in h for h in b.headers)
+
+
+def test_monochrome1_flagged_not_inverted(series, truth):
+    for path in series.files:
+        _edit(path, lambda ds: setattr(ds, "PhotometricInterpretation", "MONOCHROME1"))
+    vol = load_series(series.files)
+    assert vol.monochrome1 and np.array_equal(vol.pixels, truth)
+
+
+def test_single_image_without_geometry(series, truth):
+    path = series.files[4]
+
+    def radiograph(ds):
+        for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+                        "SliceThickness", "FrameOfReferenceUID"):
+            delattr(ds, keyword)
+        ds.Modality, ds.ImagerPixelSpacing = "DX", ["0.2", "0.25"]
+
+    _edit(path, radiograph)
+    vol = load_series([path])
+    assert vol.shape == (1, SIZE, SIZE) and np.array_equal(vol.pixels[0], truth[4])
+    assert vol.spacing == (1.0, 0.2, 0.25) and vol.modality == "DX"
+    assert not vol.has_geometry and vol.affine is None and vol.positions == ()
+
+
+def test_single_slice_with_geometry(series, truth):
+    vol = load_series([series.files[2]])
+    assert vol.has_geometry and vol.spacing == series.spacing
+    assert np.array_equal(vol.pixels[0], truth[2])
+
+
+def test_enhanced_multiframe(tmp_path, series, truth):
+    """One Enhanced CT file whose frames are stored out of order."""
+    first = pydicom.dcmread(series.files[0])
+    stored = [pydicom.dcmread(p).pixel_array for p in series.files]
+    order = list(range(SLICES))
+    random.Random(3).shuffle(order)
+    ds = Dataset()
+    ds.file_meta = first.file_meta
+    ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.EnhancedCTImageStorage
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality",
+                    "FrameOfReferenceUID", "PatientID", "Rows", "Columns", "SamplesPerPixel",
+                    "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
+                    "PixelRepresentation"):
+        setattr(ds, keyword, first.get(keyword))
+    ds.SOPClassUID = pydicom.uid.EnhancedCTImageStorage
+    ds.NumberOfFrames = SLICES
+    shared = Dataset()
+    shared.PixelMeasuresSequence = [Dataset()]
+    shared.PixelMeasuresSequence[0].PixelSpacing = first.PixelSpacing
+    shared.PixelMeasuresSequence[0].SliceThickness = first.SliceThickness
+    shared.PlaneOrientationSequence = [Dataset()]
+    shared.PlaneOrientationSequence[0].ImageOrientationPatient = first.ImageOrientationPatient
+    shared.PixelValueTransformationSequence = [Dataset()]
+    shared.PixelValueTransformationSequence[0].RescaleIntercept = "-1024"
+    shared.PixelValueTransformationSequence[0].RescaleSlope = "1"
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    per_frame = []
+    for k in order:
+        item, plane = Dataset(), Dataset()
+        plane.ImagePositionPatient = pydicom.dcmread(
+            series.files[k], stop_before_pixels=True).ImagePositionPatient
+        item.PlanePositionSequence = [plane]
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
+    ds.PixelData = np.stack([stored[k] for k in order]).astype("<u2").tobytes()
+    path = tmp_path / "enhanced.dcm"
+    ds.save_as(path, enforce_file_format=True)
+
+    vol = load_series([path])
+    assert np.array_equal(vol.pixels, truth) and vol.spacing == series.spacing
+    assert sorted(vol.frames) == list(range(1, SLICES + 1))
+    assert [order[f - 1] for f in vol.frames] == list(range(SLICES))
+    assert all(h is vol.headers[0] for h in vol.headers) and "PixelData" not in vol.headers[0]
+
+
+# --- broken input: each case raises InputError naming the problem ---------------------------
+
+def _set(keyword, value):
+    return lambda ds: setattr(ds, keyword, value)
+
+
+def _delete(keyword):
+    return lambda ds: delattr(ds, keyword)
+
+
+BROKEN = {
+    "mixed orientations": (5, _set("ImageOrientationPatient", ["1", "0", "0", "0", "0.996195", "0.0871557"])),
+    "missing or invalid ImagePositionPatient": (5, _delete("ImagePositionPatient")),
+    "missing or invalid ImageOrientationPatient": (5, _delete("ImageOrientationPatient")),
+    "missing or invalid PixelSpacing": (5, _delete("PixelSpacing")),
+    "inconsistent PixelSpacing": (5, _set("PixelSpacing", ["0.9", "0.9"])),
+    "mixed frames of reference": (5, _set("FrameOfReferenceUID", "2.25.1")),
+    "mixed series": (5, _set("SeriesInstanceUID", "2.25.2")),
+    "not two orthogonal unit vectors": (None, _set("ImageOrientationPatient", ["1", "0", "0", "1", "0", "0"])),
+    "colour images are not supported": (5, _set("SamplesPerPixel", 3)),
+}
+
+
+@pytest.mark.parametrize("problem", list(BROKEN))
+def test_broken_header_raises(series, problem):
+    index, change = BROKEN[problem]
+    for k, path in enumerate(series.files):
+        if index is None or k == index:
+            _edit(path, change)
+    with pytest.raises(InputError, match=problem):
+        load_series(series.files)
+
+
+def test_duplicate_positions(series):
+    ipp = pydicom.dcmread(series.files[3]).ImagePositionPatient
+    _edit(series.files[8], _set("ImagePositionPatient", ipp))
+    with pytest.raises(InputError, match="duplicate slice positions"):
+        load_series(series.files)
+
+
+def test_same_file_twice_is_a_duplicate(series):
+    with pytest.raises(InputError, match="duplicate slice positions"):
+        load_series([*series.files, series.files[0]])
+
+
+def test_missing_slice_is_non_uniform_spacing(series):
+    with pytest.raises(InputError, match="non-uniform slice spacing.*a slice missing"):
+        load_series(series.files[:6] + series.files[7:])
+
+
+def test_small_position_jitter_is_accepted(series):
+    ipp = [float(v) for v in pydicom.dcmread(series.files[6]).ImagePositionPatient]
+    _edit(series.files[6], _set("ImagePositionPatient", [f"{v:.4f}" for v in
+                                                         (ipp[0], ipp[1], ipp[2] + 0.009)]))
+    assert load_series(series.files).spacing[0] == pytest.approx(2.5)
+
+
+def test_inconsistent_image_size(tmp_path, series):
+    other = make_ct_series(tmp_path / "other", 1, 48, seed=SEED)
+    _edit(other.files[0], _set("SeriesInstanceUID", series.series_uid))
+    with pytest.raises(InputError, match="inconsistent image size"):
+        load_series([*series.files, *other.files])
+
+
+def test_mixed_series_from_two_phantoms(tmp_path, series):
+    other = make_ct_series(tmp_path / "other", 4, SIZE, seed=SEED + 1)
+    with pytest.raises(InputError, match="mixed series"):
+        load_series([*series.files, *other.files])
+
+
+def test_not_an_image_and_not_dicom(tmp_path, series):
+    _edit(series.files[2], _delete("PixelData"))
+    with pytest.raises(InputError, match="no pixel data"):
+        load_series(series.files)
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"this is not DICOM" * 20)
+    with pytest.raises(InputError, match="junk.dcm: not a readable DICOM file"):
+        load_series([junk])
+    with pytest.raises(InputError, match="no files"):
+        load_series([])
+
+
+def test_truncated_pixel_data(series):
+    _edit(series.files[1], lambda ds: setattr(ds, "PixelData", ds.PixelData[:1000]))
+    with pytest.raises(InputError, match="pixel data cannot be decoded"):
+        load_series(series.files)
+
+
+def test_reads_files_written_by_dcmtk_compression(tmp_path, series, truth):
+    """Encoded by another implementation (DCMTK), decoded by us."""
+    tool = shutil.which("dcmcjpls") or "/usr/bin/dcmcjpls"
+    if not Path(tool).exists():
+        pytest.skip("DCMTK dcmcjpls is not installed")
+    out = []
+    for k, path in enumerate(series.files):
+        target = tmp_path / f"jls{k}.dcm"
+        subprocess.run([tool, str(path), str(target)], check=True, capture_output=True,
+                       timeout=60)
+        out.append(target)
+    assert pydicom.dcmread(out[0]).file_meta.TransferSyntaxUID == pydicom.uid.JPEGLSLossless
+    assert np.array_equal(load_series(out[::-1]).pixels, truth)
