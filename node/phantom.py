@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,13 +117,13 @@ def _label_map(slices: int, size: int) -> np.ndarray:
     band = np.abs(ring - 1) < 0.045
     rr, cc = np.nonzero(band)
     phi = np.arctan2(v[rr, cc] / 0.53, u[rr, cc] / 0.76)
+    lateral = np.abs(np.abs(phi) - np.pi / 2) >= 0.35                  # clear of sternum, spine
     step = 2 * np.pi / 18
     for k in range(slices):
         if np.sin(2 * np.pi * 5 * t[k]) < -0.2 or t[k] < -0.9:
             continue                                                    # between ribs
         d = np.mod(phi - 0.25 * t[k] + step / 2, step) - step / 2        # angle to nearest rib
-        near_midline = np.abs(np.abs(phi) - np.pi / 2) < 0.35           # sternum and spine
-        hit = (np.abs(d) < 0.05) & ~near_midline
+        hit = (np.abs(d) < 0.05) & lateral
         labels[k, rr[hit], cc[hit]] = _BONE
     return labels
 
@@ -288,7 +289,7 @@ def _template(size: int, pixel_spacing: float, slice_spacing: float, ts: UID, *,
     return ds
 
 
-def _frame_encoder(ts: UID, size: int, signed: bool):
+def _frame_encoder(ts: UID, size: int, signed: bool) -> Callable[[np.ndarray], bytes]:
     """A function turning one stored-value image into the Pixel Data value for ``ts``."""
     if not ts.is_encapsulated:
         return lambda img: np.ascontiguousarray(img, dtype="<i2" if signed else "<u2").tobytes()
@@ -296,6 +297,9 @@ def _frame_encoder(ts: UID, size: int, signed: bool):
     if ts == JPEGLosslessSV1:
         return lambda img: encapsulate([_jpeg_lossless_sv1(img.view(np.uint16), bits)])
     encoder = get_encoder(ts)
+    if not encoder.is_available:
+        raise ValueError(f"no encoder for {ts.name}: missing "
+                         f"{', '.join(encoder.missing_dependencies)}")
     opts = dict(rows=size, columns=size, number_of_frames=1, samples_per_pixel=1,
                 bits_allocated=16, bits_stored=bits, pixel_representation=int(signed),
                 photometric_interpretation="MONOCHROME2")

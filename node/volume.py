@@ -46,7 +46,7 @@ _FAST_DECODERS = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls",
                   RLELossless: "pylibjpeg"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SeriesVolume:
     """A series as one array of physical values, with the headers and geometry to go back.
 
@@ -162,7 +162,8 @@ def load_series(paths: Sequence[Path]) -> SeriesVolume:
         modality=str(first.get("Modality", "") or ""),
         monochrome1=first.get("PhotometricInterpretation", "") == "MONOCHROME1",
         orientation=tuple(ordered[0].orientation) if geometric else (),
-        positions=tuple(tuple(s.position) for s in ordered) if geometric else (),  # type: ignore[misc]
+        positions=tuple(tuple(s.position) for s in ordered  # type: ignore[misc]
+                        ) if geometric else (),
         frames=tuple(s.frame for s in ordered),
     )
 
@@ -180,23 +181,24 @@ def _read(path: Path) -> list[_Slice]:
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise InputError(f"{path.name}: colour images are not supported "
                          f"(SamplesPerPixel {ds.SamplesPerPixel})")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds
+    if frames > 1 and not enhanced:
+        raise InputError(f"{path.name}: multi-frame image without per-frame positions "
+                         "(PerFrameFunctionalGroupsSequence)")
     try:
         stored = _stored_pixels(ds)
-    except (ValueError, TypeError, AttributeError, NotImplementedError, RuntimeError) as exc:
+    except (ValueError, TypeError, AttributeError, KeyError, NotImplementedError,
+            RuntimeError) as exc:
         raise InputError(f"{path.name}: pixel data cannot be decoded ({exc})") from exc
     for keyword in _PIXEL_KEYWORDS:
         if keyword in ds:
             delattr(ds, keyword)
 
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
-        return [_Slice(ds, 0, stored.reshape(stored.shape[-2:]), _floats(ds, "ImagePositionPatient"),
-                       _floats(ds, "ImageOrientationPatient"), _pixel_spacing(ds),
+    if not enhanced:
+        return [_Slice(ds, 0, stored[0], _floats(ds, "ImagePositionPatient"),
+                       _floats(ds, "ImageOrientationPatient"), _floats(ds, "PixelSpacing"),
                        *_rescale(ds), path.name)]
-    if "PerFrameFunctionalGroupsSequence" not in ds:
-        raise InputError(f"{path.name}: multi-frame image without per-frame positions "
-                         "(PerFrameFunctionalGroupsSequence)")
-    stored = stored.reshape((frames, *stored.shape[-2:]))
     out = []
     for i in range(frames):
         plane = _group(ds, i, "PlanePositionSequence")
@@ -213,7 +215,7 @@ def _read(path: Path) -> list[_Slice]:
 
 
 def _stored_pixels(ds: Dataset) -> np.ndarray:
-    """Stored values, ``(rows, cols)`` or ``(frames, rows, cols)``, unused high bits cleared."""
+    """Stored values as ``(frames, rows, cols)``, bits above BitsStored cleared or sign-extended."""
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     bits_alloc = int(ds.BitsAllocated)
     bits_stored = int(ds.get("BitsStored", bits_alloc) or bits_alloc)
@@ -244,10 +246,10 @@ def _stored_pixels(ds: Dataset) -> np.ndarray:
 
 
 def _rescale(ds: Dataset) -> tuple[float, float]:
-    slope = ds.get("RescaleSlope")
-    intercept = ds.get("RescaleIntercept")
-    return (float(slope) if slope not in (None, "") else 1.0,
-            float(intercept) if intercept not in (None, "") else 0.0)
+    """(slope, intercept); absent or unreadable values, or an invalid zero slope, read as
+    no rescale."""
+    slope, intercept = _floats(ds, "RescaleSlope"), _floats(ds, "RescaleIntercept")
+    return (slope[0] if slope and slope[0] != 0 else 1.0, intercept[0] if intercept else 0.0)
 
 
 def _rescale_into(s: _Slice, out: np.ndarray) -> None:
@@ -282,10 +284,6 @@ def _floats(ds: Dataset, keyword: str) -> tuple[float, ...] | None:
                                          isinstance(value, str) else [value]))
     except (TypeError, ValueError):
         return None
-
-
-def _pixel_spacing(ds: Dataset) -> tuple[float, ...] | None:
-    return _floats(ds, "PixelSpacing")
 
 
 def _single_pixel_spacing(s: _Slice) -> tuple[float, float]:

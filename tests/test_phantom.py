@@ -206,3 +206,34 @@ def test_model_fills_holes_only_inside_the_outline():
     assert not body[:4].any() and not body[16:].any() and not body[:, :5].any()
     assert not body[4:8, 15:18].any()               # the open notch is outside
     assert masks[1, 0].sum() == 1 and masks[1, 2].sum() == 1 and masks[1, 1].sum() == 0
+
+
+def _fibonacci_row() -> tuple[np.ndarray, np.ndarray]:
+    """One 16-bit row whose prediction differences have Fibonacci category counts (the
+    skew that makes a plain Huffman code longer than JPEG's 16-bit limit), and the counts."""
+    fib = [1, 2]                                   # with the reserved code's 1: 1, 1, 2, 3, ...
+    while len(fib) < 17:
+        fib.append(fib[-1] + fib[-2])
+    diffs = [0 if c == 0 else (1 << (c - 1)) * (-1) ** i
+             for c in range(17) for i in range(fib[c])]
+    diffs = np.random.default_rng(0).permutation(np.array(diffs, dtype=np.int64))
+    return ((32768 + np.cumsum(diffs)) % 65536).astype(np.uint16)[None], np.array(fib)
+
+
+@pytest.mark.parametrize("name", ["constant", "one pixel", "uniform 16-bit", "extremes",
+                                  "fibonacci"])
+def test_jpeg_lossless_encoder_edge_cases(name):
+    from libjpeg import decode                     # pylibjpeg-libjpeg, a project dependency
+
+    from node.phantom import _huffman_lengths, _jpeg_lossless_sv1
+    rng = np.random.default_rng(1)
+    img = {"constant": np.full((17, 33), 1234, np.uint16),
+           "one pixel": np.array([[7]], np.uint16),
+           "uniform 16-bit": rng.integers(0, 65536, (40, 50)).astype(np.uint16),
+           "extremes": np.tile(np.array([0, 65535], np.uint16), (8, 9)),
+           "fibonacci": _fibonacci_row()[0]}[name]
+    if name == "fibonacci":
+        # Unlimited, this code would be a chain 17 deep: the 16-bit limit had to act.
+        assert _huffman_lengths(_fibonacci_row()[1]).max() == 16
+    decoded = decode(_jpeg_lossless_sv1(img, 16))
+    assert np.array_equal(decoded.reshape(img.shape), img)

@@ -204,14 +204,16 @@ def _delete(keyword):
 
 
 BROKEN = {
-    "mixed orientations": (5, _set("ImageOrientationPatient", ["1", "0", "0", "0", "0.996195", "0.0871557"])),
+    "mixed orientations": (5, _set("ImageOrientationPatient",               # 5 degrees
+                                   ["1", "0", "0", "0", "0.996195", "0.0871557"])),
     "missing or invalid ImagePositionPatient": (5, _delete("ImagePositionPatient")),
     "missing or invalid ImageOrientationPatient": (5, _delete("ImageOrientationPatient")),
     "missing or invalid PixelSpacing": (5, _delete("PixelSpacing")),
     "inconsistent PixelSpacing": (5, _set("PixelSpacing", ["0.9", "0.9"])),
     "mixed frames of reference": (5, _set("FrameOfReferenceUID", "2.25.1")),
     "mixed series": (5, _set("SeriesInstanceUID", "2.25.2")),
-    "not two orthogonal unit vectors": (None, _set("ImageOrientationPatient", ["1", "0", "0", "1", "0", "0"])),
+    "not two orthogonal unit vectors": (None, _set("ImageOrientationPatient",
+                                                   ["1", "0", "0", "1", "0", "0"])),
     "colour images are not supported": (5, _set("SamplesPerPixel", 3)),
 }
 
@@ -294,3 +296,13 @@ def test_reads_files_written_by_dcmtk_compression(tmp_path, series, truth):
         out.append(target)
     assert pydicom.dcmread(out[0]).file_meta.TransferSyntaxUID == pydicom.uid.JPEGLSLossless
     assert np.array_equal(load_series(out[::-1]).pixels, truth)
+
+
+def test_multiframe_without_positions(tmp_path, series):
+    path = tmp_path / "cine.dcm"
+    ds = pydicom.dcmread(series.files[0])
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+    ds.save_as(path)
+    with pytest.raises(InputError, match="multi-frame image without per-frame positions"):
+        load_series([path])
