@@ -93,7 +93,7 @@ class ModelRuntime:
 
     # ---------------------------------------------------------------- run
     def run(self, volume: SeriesVolume) -> Prediction:
-        """Run the model on a series.
+        """Run the model on a series, batch by batch, and bring the output back to its grid.
 
         Raises:
             InputError: the series does not fit the model (modality, size).
@@ -102,72 +102,101 @@ class ModelRuntime:
         if m.input.modalities and volume.modality not in m.input.modalities:
             raise InputError(f"model {m.name} takes {', '.join(m.input.modalities)}, "
                              f"series is {volume.modality or 'without Modality'}")
-        if m.input.kind == "image" and volume.pixels.shape[0] != 1:
-            raise InputError(f"model {m.name} takes one image, series has {volume.pixels.shape[0]}")
+        n, rows, cols = volume.pixels.shape
+        if m.input.kind == "image" and n != 1:
+            raise InputError(f"model {m.name} takes one image, series has {n}")
         if m.input.kind == "volume":
             raise InputError(f"model {m.name}: input kind 'volume' is not supported by this node version yet")
         pred = Prediction(provider=self.provider)
+        timings = dict.fromkeys(("preprocess", "run", "postprocess"), 0.0)
         t = time.perf_counter()
-        x = self.preprocess(volume)
-        pred.timings["preprocess"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        outputs = []
+        stats = self._intensity_stats(volume)
+        timings["preprocess"] += time.perf_counter() - t
+        if m.task == "segmentation":
+            # (segments, slices, rows, cols): each batch's masks land in place, each segment
+            # contiguous, which is the layout the SEG encoder works in; it receives the
+            # (slices, rows, cols, segments) view of it without a copy.
+            masks = np.empty((len(m.segments), n, rows, cols), dtype=bool)
+        scores = []
         step = m.input.batch_size
-        for start in range(0, x.shape[0], step):
-            outputs.append(self.session.run([self.output_name], {self.input_name: x[start:start + step]})[0])
-        y = np.concatenate(outputs, axis=0)
-        pred.timings["run"] = time.perf_counter() - t
-
+        for start in range(0, n, step):
+            t0 = time.perf_counter()
+            x = self.preprocess(volume, start, start + step, stats)
+            t1 = time.perf_counter()
+            y = self.session.run([self.output_name], {self.input_name: x})[0]
+            t2 = time.perf_counter()
+            if m.task == "segmentation":
+                self._segment(y, rows, cols, out=masks[:, start:start + step])
+            else:
+                scores.append(y.reshape(y.shape[0], -1).astype(np.float32))
+            t3 = time.perf_counter()
+            timings["preprocess"] += t1 - t0
+            timings["run"] += t2 - t1
+            timings["postprocess"] += t3 - t2
         t = time.perf_counter()
         if m.task == "segmentation":
-            pred.masks = self._segment(y, volume.pixels.shape)
+            pred.masks = np.moveaxis(masks, 0, 3)
         else:
-            pred.scores = self._classify(y)
-        pred.timings["postprocess"] = time.perf_counter() - t
+            pred.scores = _activate(np.concatenate(scores), m.output.activation, axis=1).mean(axis=0)
+        timings["postprocess"] += time.perf_counter() - t
+        pred.timings = timings
         return pred
 
-    def preprocess(self, volume: SeriesVolume) -> np.ndarray:
-        """Intensity handling and layout: the exact tensor the graph receives."""
+    def _intensity_stats(self, volume: SeriesVolume) -> tuple[float, float]:
+        """Whole-series figures that batch preprocessing needs: (mean, std) or (min, max)."""
         spec = self.manifest.input
+        if spec.normalisation not in ("zscore", "minmax") and not (volume.monochrome1 and spec.invert_monochrome1):
+            return (0.0, 1.0)
         x = volume.pixels
+        if spec.window:
+            x = np.clip(x, spec.window[0], spec.window[1])
+        if spec.normalisation == "zscore":
+            return (float(x.mean()), max(float(x.std()), 1e-6))
+        return (float(x.min()), float(x.max()))
+
+    def preprocess(self, volume: SeriesVolume, start: int = 0, stop: int | None = None,
+                   stats: tuple[float, float] | None = None) -> np.ndarray:
+        """The exact tensor the graph receives for slices ``start:stop``."""
+        spec = self.manifest.input
+        stats = stats if stats is not None else self._intensity_stats(volume)
+        x = volume.pixels[start:stop]
         if volume.monochrome1 and spec.invert_monochrome1:
-            x = x.max() + x.min() - x
+            lo, hi = (float(volume.pixels.min()), float(volume.pixels.max()))
+            x = (hi + lo) - x
         if spec.size:
             x = _resize_stack(x, (int(spec.size[-2]), int(spec.size[-1])))
         if spec.window:
             x = np.clip(x, spec.window[0], spec.window[1])
         if spec.normalisation == "zscore":
-            x = (x - x.mean()) / max(float(x.std()), 1e-6)
+            x = (x - stats[0]) / stats[1]
         elif spec.normalisation == "minmax":
-            lo, hi = float(x.min()), float(x.max())
-            x = (x - lo) / max(hi - lo, 1e-6)
+            x = (x - stats[0]) / max(stats[1] - stats[0], 1e-6)
         elif spec.normalisation == "scale":
             x = x * spec.scale + spec.offset
         x = x[:, None, :, :] if spec.layout == "NCHW" else x[:, :, :, None]
         return np.ascontiguousarray(x, dtype=np.float16 if spec.dtype == "float16" else np.float32)
 
-    def _segment(self, y: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    def _segment(self, y: np.ndarray, rows: int, cols: int, out: np.ndarray) -> None:
+        """One batch of model output -> ``out``, bool (segments, batch, rows, cols), source grid."""
         m = self.manifest
-        n, rows, cols = shape
-        if m.output.kind == "labelmap":
-            labels = y.reshape(y.shape[0], *y.shape[-2:]) if y.ndim == 4 else y
+        if m.output.kind == "labelmap" or m.output.decision == "argmax":
+            if m.output.kind == "labelmap":
+                labels = y.reshape(y.shape[0], *y.shape[-2:]) if y.ndim == 4 else y
+            else:  # softmax and sigmoid are monotonic: the argmax needs no activation
+                labels = np.argmax(np.moveaxis(y, -1, 1) if m.input.layout == "NHWC" else y, axis=1)
             labels = _fit(labels.astype(np.int32, copy=False), rows, cols)
-            return np.stack([labels == s.label for s in m.segments], axis=-1)
+            for k, segment in enumerate(m.segments):
+                np.equal(labels, segment.label, out=out[k])
+            return
         if m.input.layout == "NHWC":
             y = np.moveaxis(y, -1, 1)
         y = _activate(y.astype(np.float32, copy=False), m.output.activation, axis=1)
-        if m.output.decision == "argmax":
-            labels = _fit(np.argmax(y, axis=1), rows, cols)
-            return np.stack([labels == s.label for s in m.segments], axis=-1)
-        masks = np.stack([y[:, s.label] >= m.output.threshold for s in m.segments], axis=-1)
-        if masks.shape[1:3] != (rows, cols):
-            masks = np.stack([_fit(masks[..., k], rows, cols) for k in range(masks.shape[-1])], axis=-1)
-        return masks
-
-    def _classify(self, y: np.ndarray) -> np.ndarray:
-        y = _activate(y.reshape(y.shape[0], -1).astype(np.float32), self.manifest.output.activation, axis=1)
-        return y.mean(axis=0)
+        for k, segment in enumerate(m.segments):
+            channel = y[:, segment.label]
+            if channel.shape[-2:] == (rows, cols):
+                np.greater_equal(channel, m.output.threshold, out=out[k])
+            else:
+                out[k] = _fit(channel >= m.output.threshold, rows, cols)
 
 
 def _activate(y: np.ndarray, activation: str, axis: int) -> np.ndarray:
