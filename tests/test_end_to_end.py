@@ -20,7 +20,7 @@ from conftest import free_port
 from node.phantom import make_ct_series
 from nodeproc import REPO, NodeProcess, build_models, write_config
 
-VALIDATOR = REPO.parent / "shared" / "tools" / "validate_dicom.sh"
+VALIDATOR = REPO / "tests" / "tools" / "validate_dicom.sh"   # copy of the CI gate
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 
