@@ -11,17 +11,20 @@ import logging
 import socketserver
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+from pydicom.multival import MultiValue
+from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
                          JPEGExtended12Bit, JPEGLosslessSV1, JPEGLossless, JPEGLSLossless,
                          JPEGLSNearLossless, RLELossless, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K)
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
-from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.dsutils import decode, encode_file_meta
 from pynetdicom.sop_class import Verification
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
@@ -167,33 +170,84 @@ class Ingest:
         request = event.request
         stream: BytesIO = request.DataSet
         try:
-            ds = event.dataset
-            header = {k: str(ds.get(k, "") or "") for k in _HEADER_KEYS}
-        except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
-            return self._refuse(CANNOT_UNDERSTAND, "%s from %s: data set cannot be decoded: %s",
-                                sop_uid, calling, exc)
-        study_uid, series_uid = header["StudyInstanceUID"], header["SeriesInstanceUID"]
-        for name, uid in (("AffectedSOPInstanceUID", sop_uid), ("StudyInstanceUID", study_uid),
-                          ("SeriesInstanceUID", series_uid)):
-            if not valid_uid(uid):
-                return self._refuse(CANNOT_UNDERSTAND, "%s from %s: %s %r is missing or not a valid UID",
-                                    sop_uid or "?", calling, name, uid[:80])
-        if header["SOPInstanceUID"] != sop_uid:
-            return self._refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                                "%s from %s: SOPInstanceUID in the data set (%r) differs from the request",
-                                sop_uid, calling, header["SOPInstanceUID"][:80])
+            header = read_header(stream, event.context.transfer_syntax, sop_uid,
+                                 str(request.AffectedSOPClassUID or ""))
+        except Refused as exc:
+            return self._refuse(exc.status, "%s from %s: %s", sop_uid or "?", calling, exc)
 
-        path = self.store.image_path(study_uid, series_uid, sop_uid)
+        path = self.store.image_path(header.study_uid, header.series_uid, sop_uid)
         meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
         size = self.store.write_atomic(path, (meta, stream.getbuffer()))
         self.db.record_instance(InstanceRecord(
-            study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_uid,
+            study_uid=header.study_uid, series_uid=header.series_uid, sop_instance_uid=sop_uid,
             sop_class_uid=str(request.AffectedSOPClassUID), transfer_syntax=str(event.context.transfer_syntax),
-            path=str(path), size=size, modality=header["Modality"][:16], patient_id=header["PatientID"][:64],
-            accession=header["AccessionNumber"][:16], series_description=header["SeriesDescription"][:64],
+            path=str(path), size=size, modality=header.modality, patient_id=header.patient_id,
+            accession=header.accession, series_description=header.series_description,
             calling_aet=calling, called_aet=event.assoc.acceptor.ae_title))
         with self._lock:
             self.stats.stored += 1
             self.stats.bytes += size
         log.debug("stored %s (%d bytes) from %s", sop_uid, size, calling)
         return SUCCESS
+
+
+class Refused(Exception):
+    """An instance that cannot be stored; ``status`` is the C-STORE status to answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Header:
+    """What ingest needs from a received data set (nothing is decoded beyond these)."""
+
+    study_uid: str
+    series_uid: str
+    modality: str = ""
+    patient_id: str = ""
+    accession: str = ""
+    series_description: str = ""
+
+
+def read_header(stream: BytesIO, transfer_syntax: str, sop_uid: str, sop_class_uid: str) -> Header:
+    """Read and check the header of a received data set.
+
+    Raises:
+        Refused: with the status to answer: the data set cannot be decoded, a UID is missing
+            or invalid (a path is built from them), or it contradicts the request.
+    """
+    ts = UID(transfer_syntax)
+    stream.seek(0)
+    try:
+        ds = decode(stream, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+        values = {k: _text(ds, k) for k in _HEADER_KEYS + ("SOPClassUID",)}
+    except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError, IndexError,
+            OverflowError, UnicodeError, AttributeError, NotImplementedError, zlib.error) as exc:
+        raise Refused(CANNOT_UNDERSTAND, f"data set cannot be decoded: {type(exc).__name__}: {exc}") from None
+    finally:
+        stream.seek(0)
+    for name, uid in (("AffectedSOPInstanceUID", sop_uid), ("StudyInstanceUID", values["StudyInstanceUID"]),
+                      ("SeriesInstanceUID", values["SeriesInstanceUID"])):
+        if not valid_uid(uid):
+            raise Refused(CANNOT_UNDERSTAND, f"{name} {uid[:80]!r} is missing or not a valid UID")
+    if values["SOPInstanceUID"] != sop_uid:
+        raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                      f"SOPInstanceUID in the data set ({values['SOPInstanceUID'][:80]!r}) differs from the request")
+    if sop_class_uid and values["SOPClassUID"] and values["SOPClassUID"] != sop_class_uid:
+        raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                      f"SOPClassUID in the data set ({values['SOPClassUID'][:80]!r}) differs from the request")
+    return Header(study_uid=values["StudyInstanceUID"], series_uid=values["SeriesInstanceUID"],
+                  modality=values["Modality"][:16], patient_id=values["PatientID"][:64],
+                  accession=values["AccessionNumber"][:16], series_description=values["SeriesDescription"][:64])
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """A header value as stripped text ('' when absent); multi-values joined by a backslash."""
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, MultiValue)):
+        return "\\".join(str(v) for v in value).strip()
+    return str(value).strip()
