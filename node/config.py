@@ -7,6 +7,7 @@ start rather than run with a setting it silently "fixed".
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ class NodeSection:
 class IngestSection:
     series_timeout_s: float = 10.0
     allowed_calling_aets: tuple[str, ...] = ()
+    allowed_addresses: tuple[str, ...] = ()     # IP addresses or networks (CIDR); empty: any
     min_free_disk_mb: int = 1024
     fsync: bool = True
     max_pdu_size: int = 1048576
@@ -136,6 +138,9 @@ def parse_config(data: dict[str, Any]) -> Config:
         allowed_calling_aets=tuple(
             _ae_title(a, f"ingest.allowed_calling_aets[{k}]")
             for k, a in enumerate(i.str_list("allowed_calling_aets"))),
+        allowed_addresses=tuple(
+            _network(a, f"ingest.allowed_addresses[{k}]")
+            for k, a in enumerate(i.str_list("allowed_addresses"))),
         min_free_disk_mb=i.get("min_free_disk_mb", int, 1024),
         fsync=i.get("fsync", bool, True),
         max_pdu_size=i.get("max_pdu_size", int, 1048576),
@@ -220,6 +225,13 @@ def _ae_title(value: str, where: str) -> str:
     if not _AE_TITLE.match(value) or not value.strip():
         raise ConfigError(f"{where}: {value!r} is not a valid AE title (1-16 printable characters, no backslash)")
     return value.strip()
+
+
+def _network(value: str, where: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ConfigError(f"{where}: {value!r} is not an IP address or network (e.g. 10.1.0.0/16)") from None
 
 
 def _port(value: int, where: str) -> int:

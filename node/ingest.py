@@ -7,6 +7,7 @@ a named DICOM status and one log line that says why.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socketserver
 import threading
@@ -42,6 +43,10 @@ OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
+# A-ASSOCIATE-RJ (PS3.8 9.3.4)
+REJECTED_PERMANENT = 0x01
+SOURCE_SERVICE_USER = 0x01
+NO_REASON_GIVEN = 0x01
 
 #: Transfer syntaxes accepted for storage, preferred first.
 TRANSFER_SYNTAXES = [
@@ -71,6 +76,7 @@ class Ingest:
         self.stats = IngestStats()
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
+        self._networks = [ipaddress.ip_network(a) for a in config.ingest.allowed_addresses]
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -96,6 +102,7 @@ class Ingest:
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
@@ -129,14 +136,36 @@ class Ingest:
         log.info("C-ECHO from %s", event.assoc.requestor.ae_title)
         return SUCCESS
 
+    def _on_requested(self, event: evt.Event) -> None:
+        """Refuse peers from addresses outside ``allowed_addresses`` before negotiation."""
+        if not self._networks:
+            return
+        r = event.assoc.requestor
+        try:
+            address = ipaddress.ip_address(r.address)
+        except ValueError:
+            address = None
+        if address is None or not any(address in net for net in self._networks):
+            calling = getattr(r.primitive, "calling_ae_title", "") or "?"
+            log.warning("association from %s at %s rejected: address not in ingest.allowed_addresses",
+                        str(calling).strip(), r.address)
+            event.assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, NO_REASON_GIVEN)
+            event.assoc.kill()   # as pynetdicom does after its own rejections: lets the PDU go out
+
     def _on_accepted(self, event: evt.Event) -> None:
         r = event.assoc.requestor
         log.info("association from %s at %s:%s accepted", r.ae_title, r.address, r.port)
 
     def _on_rejected(self, event: evt.Event) -> None:
         r = event.assoc.requestor
-        log.warning("association from %s at %s rejected (calling AE title not allowed, or too many associations)",
-                    r.ae_title, r.address)
+        allowed = self.config.ingest.allowed_calling_aets
+        if allowed and r.ae_title.strip() not in allowed:
+            why = "calling AE title not in ingest.allowed_calling_aets"
+        elif len(self.ae.active_associations) > self.config.node.max_associations:
+            why = f"node.max_associations ({self.config.node.max_associations}) reached"
+        else:
+            why = "see the reason sent to the peer"
+        log.warning("association from %s at %s rejected: %s", r.ae_title, r.address, why)
 
     def _on_aborted(self, event: evt.Event) -> None:
         r = event.assoc.requestor

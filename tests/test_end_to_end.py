@@ -282,3 +282,37 @@ def test_failed_delivery_is_visible_and_retry_sends_it(dcmtk, make_node, tmp_pat
         assert sorted(ds.Modality for _, ds in pacs.received) == ["SEG", "SR"]
     finally:
         pacs.stop()
+
+
+def _associate(port: int, aet: str = "FUZZER", bind: str = "127.0.0.1"):
+    from pynetdicom.sop_class import Verification
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title="AINODE", bind_address=(bind, 0))
+
+
+def test_only_allowed_callers_get_in(dcmtk, make_node):
+    node = make_node(allowed_calling_aets=["CTSCANNER", "PROBE"], allowed_addresses=["127.0.0.1/32"])
+    node.start()
+    echo = dcmtk.run("echoscu", "-aet", "INTRUDER", "-aec", "AINODE", "127.0.0.1", str(node.port), check=False)
+    assert echo.returncode != 0 and "Calling AE Title Not Recognized" in echo.stdout + echo.stderr
+    assert dcmtk.run("echoscu", "-aet", "CTSCANNER", "-aec", "AINODE", "127.0.0.1", str(node.port)).returncode == 0
+    assoc = _associate(node.port, "CTSCANNER", bind="127.0.0.2")   # allowed title, other address
+    assert assoc.is_rejected
+    log = node.log_text()
+    assert "INTRUDER at 127.0.0.1 rejected: calling AE title not in ingest.allowed_calling_aets" in log
+    assert "CTSCANNER at 127.0.0.2 rejected: address not in ingest.allowed_addresses" in log
+
+
+def test_association_limit_is_a_clear_refusal(make_node):
+    node = make_node()
+    node.config.write_text(node.config.read_text().replace('data_dir =', 'max_associations = 1\ndata_dir ='))
+    node.start()
+    first = _associate(node.port)
+    assert first.is_established
+    try:
+        second = _associate(node.port)
+        assert second.is_rejected
+        assert "node.max_associations (1) reached" in node.log_text()
+    finally:
+        first.release()
