@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import pydicom
 
@@ -18,7 +19,14 @@ from . import __version__
 from .config import Config, load_config
 from .errors import ConfigError, NodeError
 
+if TYPE_CHECKING:
+    from .worker import Node
+
 DEFAULT_CONFIG = Path("config/node.toml")
+PID_FILE = "ainode.pid"
+RELOAD_FILE = "ainode.reload.json"       # the outcome of the last reload, for `ainode reload`
+RELOAD_WAIT_S = 30.0
+POLL_S = 0.1
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -29,29 +37,94 @@ def setup_logging(level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _config(path: str | None) -> Config:
+def _config_path(path: str | None) -> Path | None:
     if path:
-        return load_config(Path(path))
-    return load_config(DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+        return Path(path)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def _config(path: str | None) -> Config:
+    return load_config(_config_path(path))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .worker import Node
 
-    config = _config(args.config)
+    path = _config_path(args.config)
+    config = load_config(path)
     # Received headers are read leniently (every problem that matters is checked and logged
     # by the node itself); pydicom's per-value warnings would only flood the log.
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     node = Node(config)
-    stop = threading.Event()
+    stop, reload = threading.Event(), threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: (reload.set(), stop.set()))
     node.start()
-    logging.getLogger("node").info("ainode %s serving; Ctrl-C or SIGTERM stops it gracefully", __version__)
-    stop.wait()
-    logging.getLogger("node").info("stopping: no new associations, finishing work in progress")
-    node.stop()
+    pid_file = config.node.data_dir / PID_FILE
+    pid_file.write_text(f"{os.getpid()}\n")
+    log = logging.getLogger("node")
+    log.info("ainode %s serving (pid %d); SIGHUP or `ainode reload` reads the configuration again; "
+             "Ctrl-C or SIGTERM stops it gracefully", __version__, os.getpid())
+    try:
+        while True:
+            stop.wait()
+            if not reload.is_set():
+                break
+            stop.clear()
+            reload.clear()
+            _reload(node, path, config.node.data_dir / RELOAD_FILE)
+    finally:
+        log.info("stopping: no new associations, finishing work in progress")
+        node.stop()
+        if pid_file.is_file() and pid_file.read_text().strip() == str(os.getpid()):
+            pid_file.unlink()
     return 0
+
+
+def _reload(node: Node, path: Path | None, report: Path) -> None:
+    """Read the configuration file again and swap it in; a bad one is refused, the old one stays."""
+    log = logging.getLogger("node")
+    try:
+        notes = node.reload(load_config(path))
+        outcome = {"ok": True, "message": "configuration reloaded" + "".join(f"; {n}" for n in notes)}
+    except ConfigError as exc:
+        log.error("reload refused, the running configuration stays: %s", exc, extra={"reload_error": str(exc)})
+        outcome = {"ok": False, "message": f"reload refused, the running configuration stays: {exc}"}
+    outcome["at"] = time.time()
+    tmp = report.with_suffix(".tmp")
+    tmp.write_text(json.dumps(outcome))
+    tmp.replace(report)
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    config = _config(args.config)     # a bad file is refused here already, naming the key
+    pid_file = config.node.data_dir / PID_FILE
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        print(f"no running node: {pid_file} is missing or unreadable", file=sys.stderr)
+        return 1
+    report = config.node.data_dir / RELOAD_FILE
+    before = report.stat().st_mtime_ns if report.exists() else 0
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        print(f"no running node: process {pid} from {pid_file} does not exist", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + RELOAD_WAIT_S
+    while time.monotonic() < deadline:
+        if report.exists() and report.stat().st_mtime_ns != before:
+            try:
+                outcome = json.loads(report.read_text())
+            except ValueError:
+                time.sleep(POLL_S)
+                continue
+            print(outcome["message"])
+            return 0 if outcome["ok"] else 1
+        time.sleep(POLL_S)
+    print(f"sent SIGHUP to {pid}; no answer within {RELOAD_WAIT_S:.0f} s (see the node's log)", file=sys.stderr)
+    return 1
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
@@ -131,6 +204,67 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worklist(args: argparse.Namespace) -> int:
+    from .config import PRIORITY_NAMES
+
+    rows = _db(args).worklist(args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no analysed studies")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["received_at"]))
+        notes = ", ".join(f"{k} {v}" for k, v in sorted(r["notifications"].items()))
+        print(f"{PRIORITY_NAMES.get(r['priority'], '?').upper():8s} {when}  acc={r['accession'] or '-':16s} "
+              f"study {r['study_uid']}" + (f"  notifications: {notes}" if notes else ""))
+        for j in r["jobs"]:
+            summary = j["summary"]
+            positives = [f"{f['name']} p={f['probability']:.2f} POSITIVE" for f in summary.get("findings", [])
+                         if f["positive"]]
+            negatives = [f"{f['name']} p={f['probability']:.2f}" for f in summary.get("findings", [])
+                         if not f["positive"]]
+            volumes = [f"{k} {v:.0f} mL" for k, v in summary.get("volumes_ml", {}).items()]
+            print(f"    {j['model']:16s} {j['modality']:3s} {j['description'][:28]:28s} "
+                  + "; ".join(positives + negatives + volumes))
+            for line in summary.get("on_result", []):
+                print(f"        on_result {line}")
+    return 0
+
+
+def cmd_notifications(args: argparse.Namespace) -> int:
+    from .config import PRIORITY_NAMES
+
+    rows = _db(args).notifications_report(args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no notifications")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"]))
+        p = r["payload"]
+        value = (f"p={p['probability']:.3f}" if "probability" in p
+                 else f"{p.get('volume_ml', 0):.0f} mL" if "volume_ml" in p else "")
+        print(f"#{r['id']:<5} {when}  {r['status']:8s} after {r['attempts']} attempt(s)  "
+              f"{PRIORITY_NAMES.get(r['priority'], '?'):8s} {r['subject']} {value}  job {r['job_id']} "
+              f"acc={p.get('accession_number') or '-'}")
+        if r["error"]:
+            print(f"       error: {r['error']}")
+    return 0
+
+
+def cmd_routes_test(args: argparse.Namespace) -> int:
+    from .routestest import explain_paths
+
+    config = _config(args.config)
+    association = {"CallingAETitle": args.calling_aet, "CalledAETitle": args.called_aet or config.node.ae_title,
+                   "CallerAddress": args.address}
+    lines = explain_paths(config, [Path(p) for p in args.paths], association)
+    print("\n".join(lines))
+    return 0 if lines and not lines[0].startswith("no DICOM") else 1
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     db = _db(args)
     message = db.retry(args.id)
@@ -200,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     with_config(sub.add_parser("serve", help="run the node until Ctrl-C / SIGTERM")).set_defaults(func=cmd_serve)
+    with_config(sub.add_parser("reload", help="make the running node read its configuration again (SIGHUP)")
+                ).set_defaults(func=cmd_reload)
     d = sub.add_parser("demo", help="self-contained tour on loopback")
     d.add_argument("--slices", type=int, default=64)
     d.add_argument("--size", type=int, default=256)
@@ -222,6 +358,22 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--limit", type=int, default=20)
     j.add_argument("--json", action="store_true")
     j.set_defaults(func=cmd_jobs)
+    w = with_config(sub.add_parser("worklist", help="analysed studies, most urgent first, with findings"))
+    w.add_argument("--limit", type=int, default=50)
+    w.add_argument("--json", action="store_true")
+    w.set_defaults(func=cmd_worklist)
+    n = with_config(sub.add_parser("notifications", help="notifications of positive findings and their state"))
+    n.add_argument("--limit", type=int, default=50)
+    n.add_argument("--json", action="store_true")
+    n.set_defaults(func=cmd_notifications)
+    rt = sub.add_parser("routes", help="check routing rules against files")
+    rtsub = rt.add_subparsers(dest="action", required=True)
+    rtt = with_config(rtsub.add_parser("test", help="which routes match the series in files or folders, and why not"))
+    rtt.add_argument("paths", nargs="+")
+    rtt.add_argument("--calling-aet", default="", help="the CallingAETitle to assume (default: none)")
+    rtt.add_argument("--called-aet", default="", help="the CalledAETitle to assume (default: our AE title)")
+    rtt.add_argument("--address", default="", help="the CallerAddress to assume (default: none)")
+    rtt.set_defaults(func=cmd_routes_test)
     r = with_config(sub.add_parser("retry", help="queue a failed job, or a done job's deliveries, again"))
     r.add_argument("id", type=int)
     r.set_defaults(func=cmd_retry)

@@ -2,26 +2,32 @@
 
 Every key has a default. An unknown key or a bad value raises :class:`ConfigError` with the
 key's full name (``routes[1].send_to[0]: no destination named 'pac'``), so the node refuses to
-start rather than run with a setting it silently "fixed".
+start rather than run with a setting it silently "fixed". Route rules are compiled here, once,
+by :mod:`node.rules`. A running node reads a new configuration on SIGHUP (see
+:meth:`node.worker.Node.reload`).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom.datadict import keyword_dict
-
 from .errors import ConfigError
+from .rules import ASSOCIATION_FACTS, COMBINATIONS, MATCH_ALL, Bounds, Group, compile_bounds, compile_rule
 from .tomlcheck import Table, load_toml
 
 PRIORITIES = {"stat": 0, "urgent": 1, "routine": 2}
+PRIORITY_NAMES = {rank: name for name, rank in PRIORITIES.items()}
 ORIGIN = "@origin"
+LEVELS = ("series", "study")
 #: Match keys that are not DICOM keywords but facts of the association.
-ASSOCIATION_KEYS = ("CallingAETitle", "CalledAETitle")
+ASSOCIATION_KEYS = ASSOCIATION_FACTS
+#: Placeholders a notification's ``link_template`` may use.
+LINK_FIELDS = ("study_uid", "series_uid", "accession", "sr_uid", "job_id")
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 
 
@@ -73,13 +79,62 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class NotifySection:
+    """Notifications of positive findings. The webhook URL is a secret: it comes from an
+    environment variable or a file, never from this configuration itself."""
+
+    webhook_url_env: str = ""
+    webhook_url_file: str = ""
+    on_positive: bool = True              # every positive finding notifies, not only on_result ones
+    link_template: str = ""               # e.g. "https://viewer.example/study/{study_uid}"
+    timeout_s: float = 10.0
+    max_attempts: int = 6
+    backoff_s: float = 5.0
+    backoff_max_s: float = 300.0
+
+    @property
+    def webhook_configured(self) -> bool:
+        return bool(self.webhook_url_env or self.webhook_url_file)
+
+
+@dataclass(frozen=True)
+class OnResult:
+    """What to do when a job's output crosses a line: a positive ``finding`` (classification),
+    or a ``segment`` whose volume is within ``volume_ml`` (segmentation)."""
+
+    finding: str = ""
+    segment: str = ""
+    volume_ml: Bounds | None = None
+    probability: Bounds | None = None     # optional extra condition on a finding's probability
+    model: str = ""                       # empty: any model of the route
+    send_to: tuple[str, ...] = ()         # the results also go there
+    forward_to: tuple[str, ...] = ()      # the original series also goes there
+    priority: str = ""                    # raise the job (deliveries, worklist) to this; empty: keep
+    notify: bool = False
+
+    def describe(self) -> str:
+        if self.finding:
+            extra = f" with probability {self.probability.describe()[3:]}" if self.probability else ""
+            what = f"finding {self.finding} positive{extra}"
+        else:
+            assert self.volume_ml is not None
+            what = f"segment {self.segment} volume_ml {self.volume_ml.describe()[3:]}"
+        return f"{self.model}: {what}" if self.model else what
+
+
+@dataclass(frozen=True)
 class Route:
     name: str
-    match: tuple[tuple[str, tuple[str, ...]], ...] = ()   # (keyword, patterns): all keys must match
+    rule: Group = MATCH_ALL               # compiled from match / all / any / none
     models: tuple[str, ...] = ()
     send_to: tuple[str, ...] = ()
     forward_to: tuple[str, ...] = ()
     priority: str = "routine"
+    level: str = "series"                 # series: each series when quiet; study: when the study is
+    study_timeout_s: float = 10.0         # study level: quiet time of the whole study
+    study_max_wait_s: float = 0.0         # study level: fire incomplete after this long; 0: never
+    require_series: tuple[Group, ...] = ()   # study level: each must be met by some series
+    on_result: tuple[OnResult, ...] = ()
 
     @property
     def priority_rank(self) -> int:
@@ -92,8 +147,16 @@ class Config:
     ingest: IngestSection = field(default_factory=IngestSection)
     inference: InferenceSection = field(default_factory=InferenceSection)
     delivery: DeliverySection = field(default_factory=DeliverySection)
+    notify: NotifySection = field(default_factory=NotifySection)
     destinations: tuple[Destination, ...] = ()
     routes: tuple[Route, ...] = ()
+
+    @property
+    def study_routes(self) -> tuple[Route, ...]:
+        return tuple(r for r in self.routes if r.level == "study")
+
+    def route(self, name: str) -> Route | None:
+        return next((r for r in self.routes if r.name == name), None)
 
     def destination(self, name: str) -> Destination:
         for d in self.destinations:
@@ -182,43 +245,128 @@ def parse_config(data: dict[str, Any]) -> Config:
         if names.count(name) > 1 or name == ORIGIN:
             raise ConfigError(f"destinations: name {name!r} is used twice or reserved")
 
-    routes = []
-    for t in top.tables("routes"):
-        route = Route(
-            name=t.require("name", str),
-            match=t.parse("match", (), _match),
-            models=t.str_list("models"),
-            send_to=t.str_list("send_to"),
-            forward_to=t.str_list("forward_to"),
-            priority=t.choice("priority", tuple(PRIORITIES), "routine"),
-        )
-        t.done()
-        for key in ("send_to", "forward_to"):
-            for k, target in enumerate(getattr(route, key)):
-                if target != ORIGIN and target not in names:
-                    raise ConfigError(f"{t.where}.{key}[{k}]: no destination named {target!r}")
-        if not route.models and not route.forward_to:
-            raise ConfigError(f"{t.where}: a route needs models or forward_to (it would do nothing)")
-        routes.append(route)
+    nt = top.table("notify")
+    notify = NotifySection(
+        webhook_url_env=nt.get("webhook_url_env", str, ""),
+        webhook_url_file=nt.get("webhook_url_file", str, ""),
+        on_positive=nt.get("on_positive", bool, True),
+        link_template=nt.get("link_template", str, ""),
+        timeout_s=nt.positive("timeout_s", float, 10.0),
+        max_attempts=nt.positive("max_attempts", int, 6),
+        backoff_s=nt.positive("backoff_s", float, 5.0),
+        backoff_max_s=nt.positive("backoff_max_s", float, 300.0),
+    )
+    nt.done()
+    _check_notify(notify)
+
+    routes = [_route(t, names, ingest.series_timeout_s) for t in top.tables("routes")]
+    route_names = [r.name for r in routes]
+    for k, name in enumerate(route_names):
+        if route_names.index(name) != k:
+            raise ConfigError(f"routes[{k}].name: {name!r} is used by two routes")
     top.done()
-    return Config(node=node, ingest=ingest, inference=inference, delivery=delivery,
+    return Config(node=node, ingest=ingest, inference=inference, delivery=delivery, notify=notify,
                   destinations=tuple(destinations), routes=tuple(routes))
 
 
-def _match(value: Any, where: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a table of DICOM keyword = value(s)")
-    out = []
-    for key, patterns in value.items():
-        if key not in keyword_dict and key not in ASSOCIATION_KEYS:
-            raise ConfigError(f"{where}.{key}: not a DICOM keyword (nor one of {', '.join(ASSOCIATION_KEYS)})")
-        if isinstance(patterns, (str, int, float)) and not isinstance(patterns, bool):
-            patterns = [patterns]
-        if not isinstance(patterns, list) or not patterns or not all(
-                isinstance(p, (str, int, float)) and not isinstance(p, bool) for p in patterns):
-            raise ConfigError(f"{where}.{key}: expected a value or a non-empty list of values")
-        out.append((key, tuple(str(p) for p in patterns)))
-    return tuple(out)
+def _route(t: Table, destinations: list[str], series_timeout_s: float) -> Route:
+    name = t.require("name", str)
+    members: list[Any] = [t.parse("match", MATCH_ALL, compile_rule)]
+    for mode in COMBINATIONS:
+        members.extend(t.parse(mode, (), lambda v, where, m=mode: _combination(m, v, where)))
+    level = t.choice("level", LEVELS, "series")
+    study_keys = [k for k in ("study_timeout_s", "study_max_wait_s", "require_series") if t.has(k)]
+    if level != "study" and study_keys:
+        raise ConfigError(f"{t.where}.{study_keys[0]}: only for a route with level = \"study\"")
+    route = Route(
+        name=name,
+        rule=Group("all", tuple(members)) if len(members) > 1 else members[0],
+        models=t.str_list("models"),
+        send_to=t.str_list("send_to"),
+        forward_to=t.str_list("forward_to"),
+        priority=t.choice("priority", tuple(PRIORITIES), "routine"),
+        level=level,
+        study_timeout_s=t.positive("study_timeout_s", float, series_timeout_s),
+        study_max_wait_s=t.get("study_max_wait_s", float, 0.0),
+        require_series=t.parse("require_series", (), _rule_list),
+        on_result=tuple(_on_result(r) for r in t.tables("on_result")),
+    )
+    t.done()
+    if route.study_max_wait_s < 0:
+        raise ConfigError(f"{t.where}.study_max_wait_s: must be 0 (wait forever) or more")
+    for key in ("send_to", "forward_to"):
+        _check_targets(getattr(route, key), destinations, f"{t.where}.{key}")
+    if not route.models and not route.forward_to:
+        raise ConfigError(f"{t.where}: a route needs models or forward_to (it would do nothing)")
+    for k, action in enumerate(route.on_result):
+        where = f"{t.where}.on_result[{k}]"
+        if not route.models:
+            raise ConfigError(f"{where}: the route runs no models, so there is no result to act on")
+        if action.model and action.model not in route.models:
+            raise ConfigError(f"{where}.model: {action.model!r} is not one of the route's models")
+        _check_targets(action.send_to, destinations, f"{where}.send_to")
+        _check_targets(action.forward_to, destinations, f"{where}.forward_to")
+    return route
+
+
+def _combination(mode: str, value: Any, where: str) -> tuple[Group]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: expected a non-empty list of rule tables")
+    return (Group(mode, tuple(compile_rule(v, f"{where}[{i}]") for i, v in enumerate(value))),)
+
+
+def _rule_list(value: Any, where: str) -> tuple[Group, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: expected a non-empty list of rule tables")
+    return tuple(compile_rule(v, f"{where}[{i}]") for i, v in enumerate(value))
+
+
+def _on_result(t: Table) -> OnResult:
+    action = OnResult(
+        finding=t.get("finding", str, ""),
+        segment=t.get("segment", str, ""),
+        volume_ml=t.parse("volume_ml", None, compile_bounds),
+        probability=t.parse("probability", None, compile_bounds),
+        model=t.get("model", str, ""),
+        send_to=t.str_list("send_to"),
+        forward_to=t.str_list("forward_to"),
+        priority=t.choice("priority", ("",) + tuple(PRIORITIES), ""),
+        notify=t.get("notify", bool, False),
+    )
+    t.done()
+    if bool(action.finding) == bool(action.segment):
+        raise ConfigError(f"{t.where}: give either finding (a positive finding) or segment (with volume_ml)")
+    if action.segment and action.volume_ml is None:
+        raise ConfigError(f"{t.where}.volume_ml: required with segment (e.g. {{ gt = 5000 }})")
+    if action.finding and action.volume_ml is not None:
+        raise ConfigError(f"{t.where}.volume_ml: only with segment")
+    if action.segment and action.probability is not None:
+        raise ConfigError(f"{t.where}.probability: only with finding")
+    if not (action.send_to or action.forward_to or action.priority or action.notify):
+        raise ConfigError(f"{t.where}: does nothing (give send_to, forward_to, priority or notify = true)")
+    return action
+
+
+def _check_targets(targets: tuple[str, ...], names: list[str], where: str) -> None:
+    for k, target in enumerate(targets):
+        if target != ORIGIN and target not in names:
+            raise ConfigError(f"{where}[{k}]: no destination named {target!r}")
+
+
+def _check_notify(notify: NotifySection) -> None:
+    if notify.webhook_url_env and notify.webhook_url_file:
+        raise ConfigError("notify: give webhook_url_env or webhook_url_file, not both")
+    if notify.webhook_url_env and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", notify.webhook_url_env):
+        raise ConfigError(f"notify.webhook_url_env: {notify.webhook_url_env!r} is not an environment "
+                          "variable name (the URL itself does not belong in the configuration)")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(notify.link_template) if f is not None]
+    except ValueError as exc:
+        raise ConfigError(f"notify.link_template: {exc}") from None
+    for f in fields:
+        if f not in LINK_FIELDS:
+            raise ConfigError(f"notify.link_template: unknown placeholder {{{f}}} "
+                              f"(known: {', '.join('{' + x + '}' for x in LINK_FIELDS)})")
 
 
 def _ae_title(value: str, where: str) -> str:

@@ -1,4 +1,4 @@
-"""The database: every table and every query of the node, and nothing of the stages.
+"""The database: every query of the node (the tables are in :mod:`node.schema`), nothing of the stages.
 
 States (each change is one committed statement, so a crash anywhere loses nothing)::
 
@@ -11,178 +11,35 @@ States (each change is one committed statement, so a crash anywhere loses nothin
                                       |-----> pending  (error; next_attempt_at = now + backoff)
                                       '-----> failed   (attempts used up)
                 failed --retry--> pending
+    study route: (none) --> not-yet (quiet time) --> fired | fired-incomplete | waiting | no-match
+                 (a new series of the study, or the study_max_wait_s deadline, decides it again)
+    notification: pending --claim--> sending --> sent
+                                        |-----> pending (error; backoff)
+                                        '-----> failed  (attempts used up)
+                  logged (no webhook configured: the log line is the notification)
 
+Jobs are claimed most urgent first, then oldest; deliveries most urgent first, then by due time.
 Work is claimed by an ``UPDATE ... WHERE id = (SELECT ...) RETURNING`` so two workers never
 take the same row. ``requeue_stalled`` gives back what a dead worker held.
 """
 
 from __future__ import annotations
 
-import enum
 import json
 import time
-from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import (Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
-                        event, func, select, text, update)
+from sqlalchemy import create_engine, event, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
 
+from .schema import (ROUTINE, Base, Delivery, DeliveryRow, DeliveryStatus, Instance, InstanceRecord, Job,
+                     JobRow, JobSpec, JobStatus, Notification, NotificationRow, NotificationSpec,
+                     NotificationStatus, Series, SeriesRow, SeriesStatus, Study, StudyRoute)
 
-class SeriesStatus(str, enum.Enum):
-    RECEIVING = "receiving"
-    ASSEMBLED = "assembled"
-
-
-class JobStatus(str, enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-
-
-class DeliveryStatus(str, enum.Enum):
-    PENDING = "pending"
-    SENDING = "sending"
-    DONE = "done"
-    FAILED = "failed"
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Study(Base):
-    __tablename__ = "studies"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    patient_id: Mapped[str] = mapped_column(String(64), default="")
-    accession: Mapped[str] = mapped_column(String(16), default="")
-    received_at: Mapped[float] = mapped_column(Float)
-
-
-class Series(Base):
-    __tablename__ = "series"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"))
-    modality: Mapped[str] = mapped_column(String(16), default="")
-    description: Mapped[str] = mapped_column(String(64), default="")
-    calling_aet: Mapped[str] = mapped_column(String(16), default="")
-    called_aet: Mapped[str] = mapped_column(String(16), default="")
-    status: Mapped[str] = mapped_column(String(16), default=SeriesStatus.RECEIVING.value, index=True)
-    first_received_at: Mapped[float] = mapped_column(Float)
-    last_received_at: Mapped[float] = mapped_column(Float)
-    routes: Mapped[str] = mapped_column(Text, default="")   # why routes matched or not, as JSON
-
-
-class Instance(Base):
-    __tablename__ = "instances"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
-    sop_class_uid: Mapped[str] = mapped_column(String(64))
-    transfer_syntax: Mapped[str] = mapped_column(String(64))
-    path: Mapped[str] = mapped_column(Text)
-    size: Mapped[int] = mapped_column(Integer)
-    received_at: Mapped[float] = mapped_column(Float)
-
-
-class Job(Base):
-    __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("series_id", "model"),)
-    id: Mapped[int] = mapped_column(primary_key=True)
-    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
-    model: Mapped[str] = mapped_column(String(64))
-    routes: Mapped[str] = mapped_column(Text)              # JSON list of route names
-    destinations: Mapped[str] = mapped_column(Text)        # JSON list of destination names
-    priority: Mapped[int] = mapped_column(Integer)         # 0 stat, 1 urgent, 2 routine
-    status: Mapped[str] = mapped_column(String(16), index=True)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[float] = mapped_column(Float)
-    claimed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    error: Mapped[str] = mapped_column(Text, default="")
-    result_files: Mapped[str] = mapped_column(Text, default="[]")
-    summary: Mapped[str] = mapped_column(Text, default="{}")   # volumes, findings, timings
-
-
-class Delivery(Base):
-    __tablename__ = "deliveries"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))          # "result" or "forward"
-    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
-    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"))
-    destination: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), index=True)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[float] = mapped_column(Float)
-    created_at: Mapped[float] = mapped_column(Float)
-    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    error: Mapped[str] = mapped_column(Text, default="")
-
-
-@dataclass(frozen=True)
-class InstanceRecord:
-    """What ingest knows of one stored instance."""
-
-    study_uid: str
-    series_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    transfer_syntax: str
-    path: str
-    size: int
-    modality: str = ""
-    patient_id: str = ""
-    accession: str = ""
-    series_description: str = ""
-    calling_aet: str = ""
-    called_aet: str = ""
-
-
-@dataclass(frozen=True)
-class SeriesRow:
-    id: int
-    series_uid: str
-    study_uid: str
-    modality: str
-    calling_aet: str
-    called_aet: str
-    status: str
-    last_received_at: float
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    model: str
-    routes: tuple[str, ...]
-    destinations: tuple[str, ...]
-    priority: int
-
-
-@dataclass(frozen=True)
-class JobRow:
-    id: int
-    series_id: int
-    model: str
-    destinations: tuple[str, ...]
-    priority: int
-    status: str
-    attempts: int
-
-
-@dataclass(frozen=True)
-class DeliveryRow:
-    id: int
-    kind: str
-    job_id: int | None
-    series_id: int
-    destination: str
-    attempts: int
+__all__ = ["Database", "DeliveryRow", "DeliveryStatus", "InstanceRecord", "JobRow", "JobSpec", "JobStatus",
+           "NotificationRow", "NotificationSpec", "NotificationStatus", "SeriesRow", "SeriesStatus"]
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -230,7 +87,8 @@ class Database:
                 conn.execute(self._insert(Series).values(
                     series_uid=rec.series_uid, study_id=study_id, modality=rec.modality,
                     description=rec.series_description, calling_aet=rec.calling_aet,
-                    called_aet=rec.called_aet, status=SeriesStatus.RECEIVING.value,
+                    called_aet=rec.called_aet, caller_address=rec.caller_address,
+                    status=SeriesStatus.RECEIVING.value,
                     first_received_at=now, last_received_at=now).on_conflict_do_nothing())
                 series_id = conn.execute(select(Series.id).where(Series.series_uid == rec.series_uid)).scalar_one()
             conn.execute(update(Series).where(Series.id == series_id).values(
@@ -246,11 +104,11 @@ class Database:
     # -------------------------------------------------------------- assemble
     def quiet_series(self, quiet_since: float) -> list[SeriesRow]:
         """Series still receiving whose last instance arrived before ``quiet_since``."""
-        stmt = (select(Series, Study.study_uid).join(Study, Series.study_id == Study.id)
+        stmt = (select(Series, Study).join(Study, Series.study_id == Study.id)
                 .where(Series.status == SeriesStatus.RECEIVING.value, Series.last_received_at < quiet_since)
                 .order_by(Series.last_received_at))
         with Session(self.engine) as session:
-            return [_series_row(s, uid) for s, uid in session.execute(stmt).all()]
+            return [_series_row(s, st) for s, st in session.execute(stmt).all()]
 
     def series_paths(self, series_id: int) -> list[str]:
         with self.engine.connect() as conn:
@@ -259,16 +117,18 @@ class Database:
 
     def get_series(self, series_id: int) -> SeriesRow:
         with Session(self.engine) as session:
-            s, uid = session.execute(select(Series, Study.study_uid).join(Study, Series.study_id == Study.id)
-                                  .where(Series.id == series_id)).one()
-            return _series_row(s, uid)
+            s, st = session.execute(select(Series, Study).join(Study, Series.study_id == Study.id)
+                                    .where(Series.id == series_id)).one()
+            return _series_row(s, st)
 
     def assemble(self, series_id: int, last_seen: float, jobs: Sequence[JobSpec],
-                 forwards: Sequence[str], explanation: dict[str, Any]) -> bool:
+                 forwards: Sequence[str], explanation: dict[str, Any], forward_priority: int = ROUTINE,
+                 study_check: bool = False) -> bool:
         """Mark a quiet series assembled and queue its jobs and forwards, in one transaction.
 
         Returns False (and changes nothing) if an instance arrived since ``last_seen``.
         An existing job for the same (series, model) is queued again: its input changed.
+        With ``study_check``, the series' study is due for its study-level routes.
         """
         now = time.time()
         with self.engine.begin() as conn:
@@ -278,6 +138,9 @@ class Database:
                 status=SeriesStatus.ASSEMBLED.value, routes=json.dumps(explanation))).rowcount
             if not changed:
                 return False
+            if study_check:
+                study_id = select(Series.study_id).where(Series.id == series_id).scalar_subquery()
+                conn.execute(update(Study).where(Study.id == study_id).values(study_check_at=now))
             for spec in jobs:
                 values = dict(routes=json.dumps(spec.routes), destinations=json.dumps(spec.destinations),
                               priority=spec.priority, status=JobStatus.QUEUED.value, created_at=now,
@@ -288,8 +151,89 @@ class Database:
             for dest in forwards:
                 conn.execute(self._insert(Delivery).values(
                     kind="forward", series_id=series_id, destination=dest, status=DeliveryStatus.PENDING.value,
-                    next_attempt_at=now, created_at=now))
+                    priority=forward_priority, next_attempt_at=now, created_at=now))
         return True
+
+
+    # --------------------------------------------------------------- studies
+    def studies_due(self, now: float) -> list[tuple[int, float]]:
+        """(study id, check time) of studies whose study-level routes are due a look."""
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(  # type: ignore[misc]
+                select(Study.id, Study.study_check_at).where(Study.study_check_at <= now)
+                .order_by(Study.study_check_at))]
+
+    def study_series(self, study_id: int) -> list[tuple[SeriesRow, str]]:
+        """Every series of a study with the path of one of its instances (for its header)."""
+        first = (select(func.min(Instance.path)).where(Instance.series_id == Series.id)
+                 .correlate(Series).scalar_subquery())
+        stmt = (select(Series, Study, first).join(Study, Series.study_id == Study.id)
+                .where(Series.study_id == study_id).order_by(Series.first_received_at))
+        with Session(self.engine) as session:
+            return [(_series_row(s, st), path or "") for s, st, path in session.execute(stmt).all()]
+
+    def study_route_states(self, study_id: int) -> dict[str, tuple[str, float]]:
+        """route -> (state, watermark) of the study-level routes already decided for a study."""
+        with self.engine.connect() as conn:
+            return {r.route: (r.state, r.watermark) for r in conn.execute(
+                select(StudyRoute.route, StudyRoute.state, StudyRoute.watermark)
+                .where(StudyRoute.study_id == study_id))}
+
+    def decide_study_route(self, study_id: int, route: str, state: str, reason: str, watermark: float,
+                           jobs: Sequence[tuple[int, JobSpec]] = (),
+                           forwards: Sequence[tuple[int, str, int]] = ()) -> None:
+        """Record a study-level route's decision and queue what it fires, in one transaction.
+
+        A job that exists for the same (series, model) gains the route's destinations and
+        priority; it runs again only if its series changed after it was made. A forward is not
+        queued twice for an unchanged series.
+        """
+        now = time.time()
+        with self.engine.begin() as conn:
+            values = dict(state=state, reason=reason[:4000], watermark=watermark, decided_at=now)
+            conn.execute(self._insert(StudyRoute).values(study_id=study_id, route=route, **values)
+                         .on_conflict_do_update(index_elements=["study_id", "route"], set_=values))
+            for series_id, spec in jobs:
+                self._merge_job(conn, series_id, spec, now)
+            for series_id, dest, priority in forwards:
+                self._forward_once(conn, series_id, dest, priority, now)
+
+    def _merge_job(self, conn: Connection, series_id: int, spec: JobSpec, now: float) -> None:
+        job = conn.execute(select(Job).where(Job.series_id == series_id, Job.model == spec.model)).first()
+        if job is None:
+            conn.execute(self._insert(Job).values(
+                series_id=series_id, model=spec.model, routes=json.dumps(list(spec.routes)),
+                destinations=json.dumps(list(spec.destinations)), priority=spec.priority,
+                status=JobStatus.QUEUED.value, created_at=now))
+            return
+        job = job[0]
+        old_dests = json.loads(job.destinations)
+        dests = sorted(set(old_dests) | set(spec.destinations))
+        values: dict[str, Any] = dict(routes=json.dumps(sorted(set(json.loads(job.routes)) | set(spec.routes))),
+                                      destinations=json.dumps(dests), priority=min(job.priority, spec.priority))
+        last = conn.execute(select(Series.last_received_at).where(Series.id == series_id)).scalar_one()
+        if job.created_at < last and job.status != JobStatus.RUNNING.value:
+            values.update(status=JobStatus.QUEUED.value, created_at=now, error="", attempts=0, finished_at=None)
+        elif job.status == JobStatus.DONE.value:
+            for dest in sorted(set(dests) - set(old_dests)):
+                conn.execute(self._insert(Delivery).values(
+                    kind="result", job_id=job.id, series_id=series_id, destination=dest,
+                    priority=values["priority"], status=DeliveryStatus.PENDING.value,
+                    next_attempt_at=now, created_at=now))
+        conn.execute(update(Job).where(Job.id == job.id).values(**values))
+
+    def set_study_check(self, study_id: int, seen: float | None, check_at: float | None) -> bool:
+        """Set when to look at a study again, unless a new series made it due meanwhile."""
+        with self.engine.begin() as conn:
+            return bool(conn.execute(update(Study).where(Study.id == study_id, Study.study_check_at == seen)
+                                     .values(study_check_at=check_at)).rowcount)
+
+    def study_routes_report(self, study_uid: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(
+                select(StudyRoute.route, StudyRoute.state, StudyRoute.reason, StudyRoute.decided_at)
+                .join(Study, StudyRoute.study_id == Study.id).where(Study.study_uid == study_uid)
+                .order_by(StudyRoute.route))]
 
     # ------------------------------------------------------------------ jobs
     def claim_job(self, now: float | None = None) -> JobRow | None:
@@ -301,32 +245,64 @@ class Database:
                 .values(status=JobStatus.RUNNING.value, claimed_at=now, heartbeat_at=now,
                         attempts=Job.attempts + 1)
                 .returning(Job.id, Job.series_id, Job.model, Job.destinations, Job.priority, Job.status,
-                           Job.attempts))
+                           Job.attempts, Job.routes))
         with self.engine.begin() as conn:
             row = conn.execute(stmt).first()
         if row is None:
             return None
         return JobRow(id=row.id, series_id=row.series_id, model=row.model,
                       destinations=tuple(json.loads(row.destinations)), priority=row.priority,
-                      status=row.status, attempts=row.attempts)
+                      status=row.status, attempts=row.attempts, routes=tuple(json.loads(row.routes)))
 
     def heartbeat(self, job_id: int) -> None:
         with self.engine.begin() as conn:
             conn.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=time.time()))
 
     def finish_job(self, job_id: int, result_files: Sequence[str], summary: dict[str, Any],
-                   destinations: Iterable[str]) -> None:
-        """Record a job's results and queue one delivery per destination, atomically."""
+                   destinations: Iterable[str], *, priority: int | None = None,
+                   forwards: Iterable[str] = (), notifications: Iterable[NotificationSpec] = (),
+                   webhook: bool = False) -> None:
+        """Record a job's results and queue its deliveries and notifications, atomically.
+
+        Results go to ``destinations`` and to the job's own (which a study-level route may have
+        added while it ran); ``priority`` raises the job's (never lowers it) and orders its
+        deliveries; ``forwards`` send the original series to more destinations. Notifications
+        are pending for the webhook, or only ``logged`` when there is none; a job re-run after
+        a late instance does not notify the same subject twice.
+        """
         now = time.time()
         with self.engine.begin() as conn:
-            series_id = conn.execute(update(Job).where(Job.id == job_id).values(
-                status=JobStatus.DONE.value, finished_at=now, error="",
-                result_files=json.dumps(list(result_files)), summary=json.dumps(summary))
-                .returning(Job.series_id)).scalar_one()
-            for dest in destinations:
+            row = conn.execute(select(Job.series_id, Job.priority, Job.destinations).where(Job.id == job_id)).one()
+            rank = row.priority if priority is None else min(row.priority, priority)
+            conn.execute(update(Job).where(Job.id == job_id).values(
+                status=JobStatus.DONE.value, finished_at=now, error="", priority=rank,
+                result_files=json.dumps(list(result_files)), summary=json.dumps(summary)))
+            targets = list(dict.fromkeys([*json.loads(row.destinations), *destinations]))
+            for dest in targets:
                 conn.execute(self._insert(Delivery).values(
-                    kind="result", job_id=job_id, series_id=series_id, destination=dest,
+                    kind="result", job_id=job_id, series_id=row.series_id, destination=dest, priority=rank,
                     status=DeliveryStatus.PENDING.value, next_attempt_at=now, created_at=now))
+            for dest in dict.fromkeys(forwards):
+                self._forward_once(conn, row.series_id, dest, rank, now)
+            status = NotificationStatus.PENDING if webhook else NotificationStatus.LOGGED
+            study_uid = conn.execute(select(Study.study_uid).join(Series, Series.study_id == Study.id)
+                                     .where(Series.id == row.series_id)).scalar_one()
+            for note in notifications:
+                conn.execute(self._insert(Notification).values(
+                    job_id=job_id, study_uid=study_uid, subject=note.subject[:128], priority=note.priority,
+                    payload=json.dumps(note.payload), status=status.value, next_attempt_at=now,
+                    created_at=now, finished_at=None if webhook else now).on_conflict_do_nothing())
+
+    def _forward_once(self, conn: Connection, series_id: int, dest: str, priority: int, now: float) -> None:
+        """Queue a forward of the series unless one is already queued or done since it last changed."""
+        last = conn.execute(select(Series.last_received_at).where(Series.id == series_id)).scalar_one()
+        exists = conn.execute(select(Delivery.id).where(
+            Delivery.kind == "forward", Delivery.series_id == series_id, Delivery.destination == dest,
+            Delivery.created_at >= last, Delivery.status != DeliveryStatus.FAILED.value).limit(1)).first()
+        if exists is None:
+            conn.execute(self._insert(Delivery).values(
+                kind="forward", series_id=series_id, destination=dest, status=DeliveryStatus.PENDING.value,
+                priority=priority, next_attempt_at=now, created_at=now))
 
     def fail_job(self, job_id: int, error: str, retry: bool = False) -> None:
         status = JobStatus.QUEUED if retry else JobStatus.FAILED
@@ -343,6 +319,9 @@ class Database:
             n += conn.execute(update(Delivery).where(Delivery.status == DeliveryStatus.SENDING.value,
                                                      Delivery.next_attempt_at < heartbeat_before)
                               .values(status=DeliveryStatus.PENDING.value)).rowcount
+            n += conn.execute(update(Notification).where(Notification.status == NotificationStatus.SENDING.value,
+                                                         Notification.next_attempt_at < heartbeat_before)
+                              .values(status=NotificationStatus.PENDING.value)).rowcount
         return n
 
     def job_results(self, job_id: int) -> list[str]:
@@ -351,11 +330,11 @@ class Database:
 
     # ------------------------------------------------------------ deliveries
     def claim_delivery(self, now: float | None = None, lease_s: float = 600.0) -> DeliveryRow | None:
-        """Take the oldest due delivery; ``next_attempt_at`` becomes its lease deadline."""
+        """Take the most urgent, then longest due, delivery; ``next_attempt_at`` becomes its lease deadline."""
         now = time.time() if now is None else now
         pick = (select(Delivery.id).where(Delivery.status == DeliveryStatus.PENDING.value,
                                           Delivery.next_attempt_at <= now)
-                .order_by(Delivery.next_attempt_at, Delivery.id).limit(1).scalar_subquery())
+                .order_by(Delivery.priority, Delivery.next_attempt_at, Delivery.id).limit(1).scalar_subquery())
         stmt = (update(Delivery).where(Delivery.id == pick, Delivery.status == DeliveryStatus.PENDING.value)
                 .values(status=DeliveryStatus.SENDING.value, attempts=Delivery.attempts + 1,
                         next_attempt_at=now + lease_s)
@@ -384,6 +363,53 @@ class Database:
         with self.engine.connect() as conn:
             return conn.execute(select(func.min(Delivery.next_attempt_at))
                                 .where(Delivery.status == DeliveryStatus.PENDING.value)).scalar()
+
+
+    # --------------------------------------------------------- notifications
+    def claim_notification(self, now: float | None = None, lease_s: float = 300.0) -> NotificationRow | None:
+        """Take the most urgent due notification; ``next_attempt_at`` becomes its lease deadline."""
+        now = time.time() if now is None else now
+        pick = (select(Notification.id).where(Notification.status == NotificationStatus.PENDING.value,
+                                              Notification.next_attempt_at <= now)
+                .order_by(Notification.priority, Notification.next_attempt_at, Notification.id)
+                .limit(1).scalar_subquery())
+        stmt = (update(Notification).where(Notification.id == pick,
+                                           Notification.status == NotificationStatus.PENDING.value)
+                .values(status=NotificationStatus.SENDING.value, attempts=Notification.attempts + 1,
+                        next_attempt_at=now + lease_s)
+                .returning(Notification.id, Notification.job_id, Notification.subject, Notification.payload,
+                           Notification.attempts))
+        with self.engine.begin() as conn:
+            row = conn.execute(stmt).first()
+        return None if row is None else NotificationRow(*row)
+
+    def finish_notification(self, notification_id: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(Notification).where(Notification.id == notification_id).values(
+                status=NotificationStatus.SENT.value, finished_at=time.time(), error=""))
+
+    def defer_notification(self, notification_id: int, error: str, next_attempt_at: float | None) -> None:
+        """Record a failed attempt: retry at ``next_attempt_at``, or give up when it is None."""
+        values: dict[str, Any] = {"error": error[:2000]}
+        if next_attempt_at is None:
+            values.update(status=NotificationStatus.FAILED.value, finished_at=time.time())
+        else:
+            values.update(status=NotificationStatus.PENDING.value, next_attempt_at=next_attempt_at)
+        with self.engine.begin() as conn:
+            conn.execute(update(Notification).where(Notification.id == notification_id).values(**values))
+
+    def next_notification_due(self) -> float | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.min(Notification.next_attempt_at))
+                                .where(Notification.status == NotificationStatus.PENDING.value)).scalar()
+
+    def retry_notification(self, notification_id: int) -> bool:
+        """Operator retry of a failed notification."""
+        with self.engine.begin() as conn:
+            return bool(conn.execute(update(Notification).where(
+                Notification.id == notification_id, Notification.status == NotificationStatus.FAILED.value)
+                .values(status=NotificationStatus.PENDING.value, attempts=0, next_attempt_at=time.time(),
+                        error="", finished_at=None)).rowcount)
 
     # -------------------------------------------------------------- operator
     def retry(self, job_id: int) -> str:
@@ -420,7 +446,8 @@ class Database:
     def counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         with self.engine.connect() as conn:
-            for name, model in (("series", Series), ("jobs", Job), ("deliveries", Delivery)):
+            for name, model in (("series", Series), ("jobs", Job), ("deliveries", Delivery),
+                                ("notifications", Notification)):
                 rows = conn.execute(select(model.status, func.count()).group_by(model.status)).all()
                 out[name] = {status: n for status, n in rows}
             out["instances"] = {"stored": conn.execute(select(func.count()).select_from(Instance)).scalar_one()}
@@ -457,12 +484,48 @@ class Database:
                          destination=d.destination, status=d.status, attempts=d.attempts,
                          error=d.error) for (d,) in conn.execute(stmt).all()]
 
+    def notifications_report(self, limit: int = 50) -> list[dict[str, Any]]:
+        stmt = select(Notification).order_by(Notification.id.desc()).limit(limit)
+        with Session(self.engine) as conn:
+            return [dict(id=n.id, job_id=n.job_id, study_uid=n.study_uid, subject=n.subject,
+                         priority=n.priority, status=n.status, attempts=n.attempts, error=n.error,
+                         created_at=n.created_at, finished_at=n.finished_at, payload=json.loads(n.payload))
+                    for (n,) in conn.execute(stmt).all()]
+
+    def worklist(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Studies with results, most urgent first, then longest waiting; their findings per job."""
+        rank = func.min(Job.priority).label("rank")
+        studies = (select(Study.id, Study.study_uid, Study.accession, Study.patient_id, Study.received_at, rank)
+                   .join(Series, Series.study_id == Study.id).join(Job, Job.series_id == Series.id)
+                   .where(Job.status == JobStatus.DONE.value).group_by(Study.id)
+                   .order_by(rank, Study.received_at, Study.id).limit(limit))
+        out = []
+        with Session(self.engine) as conn:
+            for study in conn.execute(studies).all():
+                jobs = conn.execute(
+                    select(Job, Series.series_uid, Series.modality, Series.description)
+                    .join(Series, Job.series_id == Series.id)
+                    .where(Series.study_id == study.id, Job.status == JobStatus.DONE.value)
+                    .order_by(Job.priority, Job.id)).all()
+                notes = conn.execute(select(Notification.status, func.count()).where(
+                    Notification.study_uid == study.study_uid).group_by(Notification.status)).all()
+                out.append(dict(
+                    study_uid=study.study_uid, accession=study.accession, patient_id=study.patient_id,
+                    received_at=study.received_at, priority=study.rank,
+                    notifications={status: n for status, n in notes},
+                    jobs=[dict(id=j.id, model=j.model, priority=j.priority, series_uid=uid, modality=modality,
+                               description=description, finished_at=j.finished_at,
+                               summary=json.loads(j.summary or "{}"))
+                          for j, uid, modality, description in jobs]))
+        return out
+
     def ping(self) -> None:
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
 
-def _series_row(s: Series, study_uid: str) -> SeriesRow:
-    return SeriesRow(id=s.id, series_uid=s.series_uid, study_uid=study_uid, modality=s.modality,
+def _series_row(s: Series, study: Study) -> SeriesRow:
+    return SeriesRow(id=s.id, series_uid=s.series_uid, study_uid=study.study_uid, modality=s.modality,
                      calling_aet=s.calling_aet, called_aet=s.called_aet, status=s.status,
-                     last_received_at=s.last_received_at)
+                     last_received_at=s.last_received_at, caller_address=s.caller_address,
+                     study_id=study.id, accession=study.accession, description=s.description)

@@ -212,7 +212,8 @@ class Ingest:
             sop_class_uid=str(request.AffectedSOPClassUID), transfer_syntax=str(event.context.transfer_syntax),
             path=str(path), size=size, modality=header.modality, patient_id=header.patient_id,
             accession=header.accession, series_description=header.series_description,
-            calling_aet=calling, called_aet=event.assoc.acceptor.ae_title))
+            calling_aet=calling, called_aet=event.assoc.acceptor.ae_title,
+            caller_address=str(event.assoc.requestor.address or "")[:64]))
         with self._lock:
             self.stats.stored += 1
             self.stats.bytes += size

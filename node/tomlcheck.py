@@ -60,6 +60,10 @@ class Table:
             )
         return value
 
+    def has(self, key: str) -> bool:
+        """Whether ``key`` is given (and not yet taken)."""
+        return key in self._data
+
     def require(self, key: str, kind: type | tuple[type, ...]) -> Any:
         if key not in self._data:
             raise ConfigError(f"{self._name(key)}: required key is missing")

@@ -3,77 +3,194 @@
 Threads of a running node:
 
 * ``ingest``   — pynetdicom's listener (see :mod:`node.ingest`);
-* ``assemble`` — finds quiet series, matches routes, queues jobs and forwards;
-* ``infer``    — claims the most urgent job, loads the series, runs the model, encodes SEG/SR;
-* ``deliver``  — claims due deliveries and C-STOREs them, with backoff on failure.
+* ``assemble`` — finds quiet series, matches routes, queues jobs and forwards; then decides
+  the study-level routes of studies that are due;
+* ``infer``    — claims the most urgent job, loads the series, runs the model, encodes SEG/SR,
+  and triages the output (:mod:`node.triage`);
+* ``deliver``  — claims due deliveries (most urgent first) and C-STOREs them, with backoff;
+* ``notify``   — claims due notifications and posts them to the webhook, with backoff.
 
 Every hand-over is a committed database row, so ``Node.start`` after a crash simply gives
-back what was in flight and carries on.
+back what was in flight and carries on. The configuration and the loaded models are one
+immutable :class:`NodeState` held in one attribute: :meth:`Node.reload` swaps it whole, and
+each stage reads it once per item.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import threading
 import time
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import pydicom
 
-from .assemble import plan_series, series_attributes
-from .config import Config
-from .db import Database, DeliveryRow, JobRow
+from .assemble import (FIRE_INCOMPLETE, NO_MATCH, NOT_YET, WAIT, StudyMember, association_facts,
+                       plan_series, plan_study, series_facts)
+from .config import PRIORITY_NAMES, Config
+from .db import Database, DeliveryRow, JobRow, NotificationRow, SeriesRow, SeriesStatus
 from .deliver import Peer, backoff, send_files
 from .encode import encode_classification, encode_segmentation
 from .errors import ConfigError, NodeError, PermanentError, RetryableError
 from .infer import ModelRuntime
 from .ingest import Ingest
-from .manifest import discover, load_manifest
+from .manifest import ModelManifest, discover, load_manifest
+from .notify import post_json, webhook_url
+from .rules import Facts
 from .store import FileStore
+from .triage import Outcome, triage
 from .volume import load_series
 
 log = logging.getLogger("node.worker")
 
 MAX_JOB_ATTEMPTS = 3
 STALL_TIMEOUT_S = 300.0
+IDLE_WAIT_S = 1.0
+MIN_RETRY_WAIT_S = 0.05
 
 
-def load_models(config: Config) -> dict[str, ModelRuntime]:
-    """Load every model that a route names, once, and keep it warm.
+@dataclasses.dataclass(frozen=True)
+class NodeState:
+    """What a reload replaces at once: the configuration and the models it names.
+
+    ``stamps`` remembers each model's manifest and ONNX file time, so a reload reuses a
+    loaded session unless its package changed.
+    """
+
+    config: Config
+    models: Mapping[str, ModelRuntime]
+    stamps: Mapping[str, tuple[ModelManifest, int]] = dataclasses.field(default_factory=dict)
+
+
+def load_models(config: Config, previous: NodeState | None = None
+                ) -> tuple[dict[str, ModelRuntime], dict[str, tuple[ModelManifest, int]]]:
+    """Load every model that a route names, once, and keep it warm (reusing unchanged ones).
 
     Raises:
-        ConfigError: a route names a missing model, or a package is invalid.
+        ConfigError: a route names a missing model, a package is invalid, or an
+            ``on_result`` names a finding or segment its models do not have.
     """
     packages = discover(config.inference.models_dir)
     runtimes: dict[str, ModelRuntime] = {}
-    for route in config.routes:
+    stamps: dict[str, tuple[ModelManifest, int]] = {}
+    for k, route in enumerate(config.routes):
         for name in route.models:
             if name in runtimes:
                 continue
             if name not in packages:
-                raise ConfigError(f"route {route.name}: model {name!r} not found in "
+                raise ConfigError(f"routes[{k}].models: model {name!r} (route {route.name}) not found in "
                                   f"{config.inference.models_dir} (have: {', '.join(packages) or 'none'})")
-            runtimes[name] = ModelRuntime(load_manifest(packages[name]), config.inference.providers)
-    return runtimes
+            manifest = load_manifest(packages[name])
+            stamp = (manifest, _mtime(manifest.onnx_path))
+            if previous is not None and previous.stamps.get(name) == stamp:
+                runtimes[name] = previous.models[name]
+            else:
+                runtimes[name] = ModelRuntime(manifest, config.inference.providers)
+            stamps[name] = stamp
+        _check_on_result(k, route.on_result, [runtimes[m].manifest for m in route.models])
+    return runtimes, stamps
+
+
+def _check_on_result(k: int, actions: Any, manifests: list[ModelManifest]) -> None:
+    for i, action in enumerate(actions):
+        scope = [m for m in manifests if not action.model or m.name == action.model]
+        if action.finding:
+            known = [f.name for m in scope for f in m.findings]
+            key, name = "finding", action.finding
+        else:
+            known = [s.name for m in scope for s in m.segments]
+            key, name = "segment", action.segment
+        if name not in known:
+            raise ConfigError(f"routes[{k}].on_result[{i}].{key}: no model of the route has a {key} "
+                              f"{name!r} (have: {', '.join(known) or 'none'})")
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+#: Settings the running listener and file store were built with; a reload cannot change them.
+RESTART_KEYS = ("node.ae_title", "node.host", "node.port", "node.data_dir", "node.database_url",
+                "node.max_associations", "ingest.allowed_calling_aets", "ingest.allowed_addresses",
+                "ingest.max_pdu_size", "ingest.fsync")
+
+
+def _setting(config: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name, None)
 
 
 class Node:
     """A running node: ingest plus the background stages, over one database and file store."""
 
     def __init__(self, config: Config) -> None:
-        self.config = config
         config.node.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = FileStore(config.node.data_dir, fsync=config.ingest.fsync)
         self.db = Database(config.node.effective_database_url)
         self.db.create()
-        self.models = load_models(config)
+        models, stamps = load_models(config)
+        self._state = NodeState(config, models, stamps)
+        self._reload_lock = threading.Lock()
         self.ingest = Ingest(config, self.store, self.db)
         self._stop = threading.Event()
         self._jobs_ready = threading.Event()
         self._deliveries_ready = threading.Event()
+        self._notifications_ready = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._check_webhook(config)
+
+    @property
+    def config(self) -> Config:
+        return self._state.config
+
+    @property
+    def models(self) -> Mapping[str, ModelRuntime]:
+        return self._state.models
+
+    # -------------------------------------------------------------- reload
+    def reload(self, new: Config) -> list[str]:
+        """Swap in a new configuration (and its models) without stopping anything.
+
+        Settings the listener was built with (:data:`RESTART_KEYS`) keep their running
+        values; the returned lines name those that changed and need a restart.
+
+        Raises:
+            ConfigError: the new configuration cannot run (a model is missing or invalid);
+                the old one stays in force.
+        """
+        with self._reload_lock:
+            old = self._state
+            restart = [f"{key} ({_setting(old.config, key)!r} -> {_setting(new, key)!r}) needs a restart"
+                       for key in RESTART_KEYS if _setting(old.config, key) != _setting(new, key)]
+            keep = {k.split(".")[1]: _setting(old.config, k) for k in RESTART_KEYS if k.startswith("ingest.")}
+            effective = dataclasses.replace(new, node=old.config.node,
+                                            ingest=dataclasses.replace(new.ingest, **keep))
+            models, stamps = load_models(effective, old)
+            self._state = NodeState(effective, models, stamps)
+            self.ingest.config = effective
+        self._check_webhook(effective)
+        loaded = sorted(set(models) - {n for n, s in old.stamps.items() if stamps.get(n) == s})
+        log.info("configuration reloaded: %d routes, %d destinations%s", len(effective.routes),
+                 len(effective.destinations), f"; models loaded: {', '.join(loaded)}" if loaded else "",
+                 extra={"routes": [r.name for r in effective.routes], "models_loaded": loaded})
+        for line in restart:
+            log.warning("reload: %s; the running value stays", line, extra={"restart_needed": line})
+        self._jobs_ready.set()
+        self._deliveries_ready.set()
+        return restart
+
+    def _check_webhook(self, config: Config) -> None:
+        try:
+            webhook_url(config.notify)
+        except ConfigError as exc:
+            log.error("%s: notifications will fail until it is fixed", exc)
 
     # ----------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -84,7 +201,8 @@ class Node:
                      removed, given_back)
         self.ingest.start()
         for name, target in (("assemble", self._assemble_loop), ("infer", self._infer_loop),
-                             ("deliver-1", self._deliver_loop), ("deliver-2", self._deliver_loop)):
+                             ("deliver-1", self._deliver_loop), ("deliver-2", self._deliver_loop),
+                             ("notify", self._notify_loop)):
             thread = threading.Thread(target=self._guard(target), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -95,6 +213,7 @@ class Node:
         self._stop.set()
         self._jobs_ready.set()
         self._deliveries_ready.set()
+        self._notifications_ready.set()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.1, deadline - time.monotonic()))
@@ -113,24 +232,21 @@ class Node:
 
     # ------------------------------------------------------------ assemble
     def _assemble_loop(self) -> None:
-        timeout = self.config.ingest.series_timeout_s
-        tick = min(1.0, max(0.1, timeout / 5))
-        while not self._stop.wait(tick):
-            self.assemble_once(time.time() - timeout)
+        while not self._stop.wait(min(IDLE_WAIT_S, max(0.1, self.config.ingest.series_timeout_s / 5))):
+            self.assemble_once(time.time() - self.config.ingest.series_timeout_s)
+            self.assemble_studies(time.time())
 
     def assemble_once(self, quiet_since: float) -> int:
         """Assemble every series quiet since ``quiet_since``; returns how many."""
         done = 0
         for series in self.db.quiet_series(quiet_since):
+            config = self.config
             paths = self.db.series_paths(series.id)
-            try:
-                attributes = series_attributes(Path(paths[0]), series)
-            except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop assembly
-                log.error("series %s: cannot read its header (%s); no route applies", series.series_uid, exc)
-                attributes = {"CallingAETitle": series.calling_aet, "CalledAETitle": series.called_aet}
-            plan = plan_series(self.config, series, attributes)
+            facts = self._facts(series, paths[0] if paths else "")
+            plan = plan_series(config, series, facts)
             if not self.db.assemble(series.id, series.last_received_at, plan.jobs, plan.forwards,
-                                    plan.explanation()):
+                                    plan.explanation(), plan.forward_priority,
+                                    study_check=bool(config.study_routes)):
                 continue  # an instance arrived meanwhile: it stays receiving
             done += 1
             matched = [d.route for d in plan.decisions if d.matched]
@@ -143,6 +259,56 @@ class Node:
             if plan.forwards:
                 self._deliveries_ready.set()
         return done
+
+    def _facts(self, series: SeriesRow, path: str) -> Facts:
+        try:
+            return series_facts(Path(path), series)
+        except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop assembly
+            log.error("series %s: cannot read its header (%s); only association facts apply",
+                      series.series_uid, exc, extra={"series_uid": series.series_uid})
+            return Facts(None, association_facts(series))
+
+    def assemble_studies(self, now: float) -> int:
+        """Decide the study-level routes of every study that is due; returns how many fired."""
+        fired = 0
+        for study_id, seen in self.db.studies_due(now):
+            config = self.config
+            rows = self.db.study_series(study_id)
+            if not config.study_routes or any(r.status != SeriesStatus.ASSEMBLED.value for r, _ in rows):
+                self.db.set_study_check(study_id, seen, None)   # due again when its series is complete
+                continue
+            members = [StudyMember(r, self._facts(r, path)) for r, path in rows]
+            last = max(r.last_received_at for r, _ in rows)
+            previous = self.db.study_route_states(study_id)
+            due: list[float] = []
+            for route in config.study_routes:
+                state, watermark = previous.get(route.name, ("", -1.0))
+                if watermark >= last and (state != WAIT or not route.study_max_wait_s):
+                    continue                         # decided for exactly this study content
+                decision = plan_study(config, route, members, last, now)
+                if decision.due_at is not None:
+                    due.append(decision.due_at)
+                if decision.state == NOT_YET:
+                    continue
+                forwards = [(sid, dest, config.route(route.name).priority_rank)  # type: ignore[union-attr]
+                            for sid, dest in decision.forwards]
+                self.db.decide_study_route(study_id, route.name, decision.state, decision.reason, last,
+                                           decision.jobs, forwards)
+                study_uid = rows[0][0].study_uid
+                extra = {"study_uid": study_uid, "route": route.name, "state": decision.state}
+                if decision.fires:
+                    fired += 1
+                    (log.warning if decision.state == FIRE_INCOMPLETE else log.info)(
+                        "study %s: route %s %s: %s; jobs %s", study_uid, route.name, decision.state,
+                        decision.reason, sorted({j.model for _, j in decision.jobs}) or "none", extra=extra)
+                    self._jobs_ready.set()
+                    self._deliveries_ready.set()
+                elif decision.state == WAIT and state != WAIT:
+                    log.warning("study %s: route %s %s", study_uid, route.name, decision.reason, extra=extra)
+                elif decision.state == NO_MATCH:
+                    log.debug("study %s: route %s: %s", study_uid, route.name, decision.reason, extra=extra)
+            self.db.set_study_check(study_id, seen, min(due) if due else None)
+        return fired
 
     # --------------------------------------------------------------- infer
     def _infer_loop(self) -> None:
@@ -157,9 +323,10 @@ class Node:
     def process_job(self, job: JobRow) -> None:
         """Run one claimed job to done, queued (retry) or failed; never raises."""
         series = self.db.get_series(job.series_id)
+        state = self._state
         where = f"job {job.id} ({job.model} on series {series.series_uid})"
         try:
-            summary, files = self._run_job(job, series.series_uid)
+            summary, files = self._run_job(state, job, series.series_uid)
         except PermanentError as exc:
             log.error("%s failed: %s", where, exc, extra={"job_id": job.id})
             self.db.fail_job(job.id, str(exc))
@@ -173,15 +340,35 @@ class Node:
                               ", will retry" if again else "")
             self.db.fail_job(job.id, f"{type(exc).__name__}: {exc}", retry=again)
             return
-        self.db.finish_job(job.id, files, summary, job.destinations)
+        try:
+            outcome = triage(state.config, job, series, summary)
+        except Exception:  # noqa: BLE001 - the results are made; a triage bug must not lose them
+            log.exception("%s: triage of the output failed; results are delivered without it", where)
+            outcome = Outcome()
+        if outcome.priority is not None:
+            summary["raised_priority"] = PRIORITY_NAMES[outcome.priority]
+        if outcome.fired:
+            summary["on_result"] = list(outcome.fired)
+        self.db.finish_job(job.id, files, summary, outcome.destinations, priority=outcome.priority,
+                           forwards=outcome.forwards, notifications=outcome.notifications,
+                           webhook=state.config.notify.webhook_configured)
         log.info("%s done in %.2f s: %s", where, sum(summary["timings"].values()),
                  ", ".join(f"{k} {v:.2f}s" for k, v in summary["timings"].items()),
                  extra={"job_id": job.id, "timings": summary["timings"]})
-        if job.destinations:
-            self._deliveries_ready.set()
+        for f in outcome.positives:
+            log.warning("POSITIVE %s (p=%.3f, priority %s) by %s in study %s, accession %s, series %s",
+                        f["name"], f["probability"], f.get("priority", "?"), job.model, series.study_uid,
+                        series.accession or "-", series.series_uid,
+                        extra={"job_id": job.id, "finding": f["name"], "probability": f["probability"],
+                               "study_uid": series.study_uid, "accession": series.accession})
+        for line in outcome.fired:
+            log.info("%s: on_result %s", where, line, extra={"job_id": job.id, "on_result": line})
+        self._deliveries_ready.set()
+        if outcome.notifications:
+            self._notifications_ready.set()
 
-    def _run_job(self, job: JobRow, series_uid: str) -> tuple[dict[str, Any], list[str]]:
-        runtime = self.models.get(job.model)
+    def _run_job(self, state: NodeState, job: JobRow, series_uid: str) -> tuple[dict[str, Any], list[str]]:
+        runtime = state.models.get(job.model)
         if runtime is None:
             raise PermanentError(f"model {job.model!r} is not loaded (no route names it any more)")
         manifest = runtime.manifest
@@ -209,6 +396,9 @@ class Node:
             outputs = {"sr.dcm": sr}
             summary["findings"] = [dict(name=f.name, probability=round(f.probability, 4), positive=f.positive,
                                         priority=f.priority) for f in findings]
+        summary["results"] = [dict(sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),
+                                   series_instance_uid=str(ds.SeriesInstanceUID), modality=str(ds.Modality))
+                              for ds in outputs.values()]
         files = self._write_results(job.id, outputs)
         timings["encode"] = time.perf_counter() - t
         summary["timings"] = {k: round(v, 4) for k, v in timings.items()}
@@ -231,7 +421,7 @@ class Node:
             delivery = self.db.claim_delivery()
             if delivery is None:
                 due = self.db.next_delivery_due()
-                wait = 1.0 if due is None else min(1.0, max(0.05, due - time.time()))
+                wait = IDLE_WAIT_S if due is None else min(IDLE_WAIT_S, max(MIN_RETRY_WAIT_S, due - time.time()))
                 self._deliveries_ready.wait(wait)
                 self._deliveries_ready.clear()
                 continue
@@ -272,3 +462,40 @@ class Node:
             delay = backoff(delivery.attempts, cfg.backoff_s, cfg.backoff_max_s)
             self.db.defer_delivery(delivery.id, error, time.time() + delay)
             log.warning("%s attempt %d failed: %s; next try in %.0f s", where, delivery.attempts, error, delay)
+
+    # -------------------------------------------------------------- notify
+    def _notify_loop(self) -> None:
+        while not self._stop.is_set():
+            note = self.db.claim_notification()
+            if note is None:
+                due = self.db.next_notification_due()
+                wait = IDLE_WAIT_S if due is None else min(IDLE_WAIT_S, max(MIN_RETRY_WAIT_S, due - time.time()))
+                self._notifications_ready.wait(wait)
+                self._notifications_ready.clear()
+                continue
+            self.process_notification(note)
+
+    def process_notification(self, note: NotificationRow) -> None:
+        """Post one claimed notification; sent, a scheduled retry or failed; never raises."""
+        cfg = self.config.notify
+        where = f"notification {note.id} ({note.subject}, job {note.job_id})"
+        try:
+            url = webhook_url(cfg)
+            if url is None:
+                raise ConfigError("no webhook is configured any more ([notify] webhook_url_env or _file)")
+            status = post_json(url, json.loads(note.payload), cfg.timeout_s)
+        except (NodeError, ValueError) as exc:
+            error = str(exc)
+        else:
+            self.db.finish_notification(note.id)
+            log.info("%s: webhook answered HTTP %d", where, status, extra={"notification_id": note.id})
+            return
+        if note.attempts >= cfg.max_attempts:
+            self.db.defer_notification(note.id, error, None)
+            log.error("%s failed after %d attempts: %s", where, note.attempts, error,
+                      extra={"notification_id": note.id})
+        else:
+            delay = backoff(note.attempts, cfg.backoff_s, cfg.backoff_max_s)
+            self.db.defer_notification(note.id, error, time.time() + delay)
+            log.warning("%s attempt %d failed: %s; next try in %.1f s", where, note.attempts, error, delay,
+                        extra={"notification_id": note.id})
