@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
@@ -118,16 +118,16 @@ def send_files(paths: Sequence[Path], peer: Peer, calling_ae: str = "AINODE",
     if not readable:
         return report
     ae = _ae(calling_ae, timeout)
-    pairs: OrderedDict[str, list[str]] = OrderedDict()
-    for sop_class, ts in readable.values():
-        syntaxes = pairs.setdefault(sop_class, [])
-        for uid in (ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            if uid not in syntaxes:
-                syntaxes.append(uid)
+    # Files go as stored, so each needs a context in exactly its own transfer syntax: one
+    # context per (SOP class, transfer syntax). Offering several syntaxes in one context lets
+    # the peer pick another (Orthanc prefers uncompressed), and a compressed file would then
+    # have no context at all.
+    pairs = list(OrderedDict.fromkeys(readable.values()))
     if len(pairs) > _MAX_CONTEXTS:
-        raise DeliveryError(f"{peer}: {len(pairs)} SOP classes in one send; at most {_MAX_CONTEXTS}")
-    for sop_class, syntaxes in pairs.items():
-        ae.add_requested_context(sop_class, syntaxes)
+        raise DeliveryError(f"{peer}: {len(pairs)} (SOP class, transfer syntax) pairs in one send; "
+                            f"at most {_MAX_CONTEXTS}")
+    for sop_class, ts in pairs:
+        ae.add_requested_context(sop_class, [ts])
 
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
