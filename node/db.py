@@ -199,14 +199,14 @@ class Database:
                 self._forward_once(conn, series_id, dest, priority, now)
 
     def _merge_job(self, conn: Connection, series_id: int, spec: JobSpec, now: float) -> None:
-        job = conn.execute(select(Job).where(Job.series_id == series_id, Job.model == spec.model)).first()
+        job = conn.execute(select(Job.id, Job.routes, Job.destinations, Job.priority, Job.status, Job.created_at)
+                           .where(Job.series_id == series_id, Job.model == spec.model)).first()
         if job is None:
             conn.execute(self._insert(Job).values(
                 series_id=series_id, model=spec.model, routes=json.dumps(list(spec.routes)),
                 destinations=json.dumps(list(spec.destinations)), priority=spec.priority,
                 status=JobStatus.QUEUED.value, created_at=now))
             return
-        job = job[0]
         old_dests = json.loads(job.destinations)
         dests = sorted(set(old_dests) | set(spec.destinations))
         values: dict[str, Any] = dict(routes=json.dumps(sorted(set(json.loads(job.routes)) | set(spec.routes))),
@@ -339,7 +339,7 @@ class Database:
                 .values(status=DeliveryStatus.SENDING.value, attempts=Delivery.attempts + 1,
                         next_attempt_at=now + lease_s)
                 .returning(Delivery.id, Delivery.kind, Delivery.job_id, Delivery.series_id,
-                           Delivery.destination, Delivery.attempts))
+                           Delivery.destination, Delivery.attempts, Delivery.priority))
         with self.engine.begin() as conn:
             row = conn.execute(stmt).first()
         return None if row is None else DeliveryRow(*row)

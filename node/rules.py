@@ -316,7 +316,7 @@ class Test:
             return Verdict(False, f"{self.key.name} is absent")
         shown = "\\".join(values)
         shown = shown if len(shown) <= _SHOWN_CHARS else shown[:_SHOWN_CHARS] + "..."
-        return Verdict(False, f"{self.key.name}={shown!r} {self.condition.failure(values)}")
+        return Verdict(False, f"{self.key.name}='{shown}' {self.condition.failure(values)}")
 
     def describe(self) -> str:
         return f"{self.key.name} {self.condition.describe()}"

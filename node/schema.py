@@ -219,6 +219,7 @@ class DeliveryRow:
     series_id: int
     destination: str
     attempts: int
+    priority: int = ROUTINE
 
 
 @dataclass(frozen=True)

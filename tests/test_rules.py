@@ -91,7 +91,7 @@ CASES = [
     ({"SliceThickness": {"not": {"gt": 3}}}, {}, True, ""),
     # multi-valued attributes: any value satisfies; not: none may
     ({"ImageType": "AXIAL"}, {}, True, ""),
-    ({"ImageType": "LOCALIZER"}, {}, False, "ImageType='ORIGINAL\\\\PRIMARY\\\\AXIAL' matches none"),
+    ({"ImageType": "LOCALIZER"}, {}, False, "ImageType='ORIGINAL\\PRIMARY\\AXIAL' matches none"),
     ({"ImageType": {"not": "LOCALIZER"}}, {}, True, ""),
     ({"ImageType": {"not": "PRIMARY"}}, {}, False, "excluded by not"),
     ({"WindowCenter": {"gt": 300}}, {}, True, ""),
