@@ -55,11 +55,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Received headers are read leniently (every problem that matters is checked and logged
     # by the node itself); pydicom's per-value warnings would only flood the log.
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    node = Node(config)
     stop, reload = threading.Event(), threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: (reload.set(), stop.set()))
+    signal.signal(signal.SIGHUP, lambda *_: (reload.set(), stop.set()))   # handled once serving
+    node = Node(config)
     node.start()
     pid_file = config.node.data_dir / PID_FILE
     pid_file.write_text(f"{os.getpid()}\n")
@@ -265,6 +265,25 @@ def cmd_routes_test(args: argparse.Namespace) -> int:
     return 0 if lines and not lines[0].startswith("no DICOM") else 1
 
 
+def cmd_routes_log(args: argparse.Namespace) -> int:
+    rows = _db(args).routing_report(args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no series received")
+    for r in reversed(rows):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_received_at"]))
+        print(f"{when}  series {r['series_uid']} ({r['modality'] or '?'} {r['description']!r}) from "
+              f"{r['calling_aet']} at {r['caller_address'] or '?'}: {r['status']}")
+        for route, d in r["routes"].items():
+            print(f"    route {route}: " + (d["reason"].replace("matched", "matches", 1) if d["matched"]
+                                             else f"does not match: {d['reason']}"))
+        for d in r["study_routes"]:
+            print(f"    study-level route {d['route']}: {d['state']}: {d['reason']}")
+    return 0
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     db = _db(args)
     message = db.retry(args.id)
@@ -374,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     rtt.add_argument("--called-aet", default="", help="the CalledAETitle to assume (default: our AE title)")
     rtt.add_argument("--address", default="", help="the CallerAddress to assume (default: none)")
     rtt.set_defaults(func=cmd_routes_test)
+    rtl = with_config(rtsub.add_parser("log", help="recently received series and why each route matched or not"))
+    rtl.add_argument("--limit", type=int, default=20)
+    rtl.add_argument("--json", action="store_true")
+    rtl.set_defaults(func=cmd_routes_log)
     r = with_config(sub.add_parser("retry", help="queue a failed job, or a done job's deliveries, again"))
     r.add_argument("id", type=int)
     r.set_defaults(func=cmd_retry)

@@ -228,12 +228,6 @@ class Database:
             return bool(conn.execute(update(Study).where(Study.id == study_id, Study.study_check_at == seen)
                                      .values(study_check_at=check_at)).rowcount)
 
-    def study_routes_report(self, study_uid: str) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(
-                select(StudyRoute.route, StudyRoute.state, StudyRoute.reason, StudyRoute.decided_at)
-                .join(Study, StudyRoute.study_id == Study.id).where(Study.study_uid == study_uid)
-                .order_by(StudyRoute.route))]
 
     # ------------------------------------------------------------------ jobs
     def claim_job(self, now: float | None = None) -> JobRow | None:
@@ -483,6 +477,24 @@ class Database:
             return [dict(id=d.id, kind=d.kind, job_id=d.job_id, series_id=d.series_id,
                          destination=d.destination, status=d.status, attempts=d.attempts,
                          error=d.error) for (d,) in conn.execute(stmt).all()]
+
+    def routing_report(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The most recently received series with why each route matched or not, and the
+        study-level decisions of their studies."""
+        stmt = (select(Series, Study).join(Study, Series.study_id == Study.id)
+                .order_by(Series.last_received_at.desc()).limit(limit))
+        with Session(self.engine) as conn:
+            out = []
+            for s, st in conn.execute(stmt).all():
+                study_routes = conn.execute(select(StudyRoute.route, StudyRoute.state, StudyRoute.reason)
+                                            .where(StudyRoute.study_id == st.id).order_by(StudyRoute.route)).all()
+                out.append(dict(series_uid=s.series_uid, study_uid=st.study_uid, modality=s.modality,
+                                description=s.description, calling_aet=s.calling_aet,
+                                caller_address=s.caller_address, status=s.status,
+                                last_received_at=s.last_received_at, routes=json.loads(s.routes or "{}"),
+                                study_routes=[dict(route=r, state=state, reason=reason)
+                                              for r, state, reason in study_routes]))
+        return out
 
     def notifications_report(self, limit: int = 50) -> list[dict[str, Any]]:
         stmt = select(Notification).order_by(Notification.id.desc()).limit(limit)

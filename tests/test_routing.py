@@ -123,6 +123,9 @@ def test_forwarding_reaches_orthanc_and_storescp_intact_while_results_go_to_the_
     assert rows == [("forward", "archive", "done"), ("forward", "viewer", "done"), ("result", "pacs", "done")]
     explained = json.loads(db.execute("select routes from series").fetchone()[0])
     assert explained["scanner"]["matched"] is True and "CallingAETitle is 'CTSCANNER'" in explained["scanner"]["reason"]
+    log = node.cli("routes", "log").stdout
+    assert f"series {phantom.series_uid} (CT " in log and "from CTSCANNER at 127.0.0.1: assembled" in log
+    assert "route scanner: matches (Modality is 'CT'; CallingAETitle is 'CTSCANNER'" in log
 
 
 def test_a_stat_study_overtakes_queued_routine_ones(dcmtk, node_factory, tmp_path):

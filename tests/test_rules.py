@@ -4,7 +4,10 @@ multi-valued attributes, tags, nested sequences, association facts and character
 from __future__ import annotations
 
 import dataclasses
+import re
+import tomllib
 from io import BytesIO
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -241,3 +244,15 @@ def test_route_keys_combine_and_study_defaults():
     facts = Facts(header(StudyDescription="Trauma CT"), {"CallingAETitle": "CT1"})
     assert route.rule.evaluate(facts).holds
     assert not route.rule.evaluate(Facts(header(ImageType=["DERIVED", "LOCALIZER"]), ASSOCIATION)).holds
+
+
+def test_readme_configuration_examples_are_valid():
+    """Every TOML example of the README's Configuration section loads (destinations added)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Configuration"):readme.index("## Triage")]
+    blocks = re.findall(r"```toml\n(.*?)```", section, re.S)
+    assert len(blocks) >= 3
+    destinations = "".join(f'[[destinations]]\nname = "{n}"\nae_title = "AE{i}"\nhost = "h"\nport = {i + 1}\n'
+                           for i, n in enumerate(["pacs", "archive", "research", "er-viewer"]))
+    for block in blocks:
+        assert parse_config(tomllib.loads(destinations + block)).routes
