@@ -22,7 +22,8 @@ Several operators in one table must all hold. Values are compared as pydicom dec
 (``SpecificCharacterSet`` honoured), without DICOM's space padding; an empty value counts as
 absent. A multi-valued attribute satisfies a condition when any one of its values does (so
 ``not`` means: none of its values does). An attribute missing at the top level of the
-header is looked up inside sequences (first occurrence, depth first).
+header is looked up inside sequences (the occurrence nearest the top level, then the first).
+File meta attributes (``TransferSyntaxUID``) can be matched too.
 
 Rules are compiled once, when the configuration is loaded, into frozen objects; a bad key,
 operator, number or regular expression raises :class:`ConfigError` naming its path.
@@ -51,6 +52,7 @@ OPERATORS = ("eq", "regex", "range", "gt", "ge", "lt", "le", "present", "network
 _TAG = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
 _SHOWN_CHARS = 64
 _SEQUENCE_VALUE = "<sequence>"
+_FILE_META_GROUP = 0x0002     # TransferSyntaxUID and friends live in the file meta information
 _DECODE_ERRORS = (ValueError, TypeError, UnicodeError, LookupError, OverflowError, AttributeError)
 
 
@@ -85,7 +87,9 @@ class Facts:
         if self._dataset is None:
             return _strings(self._plain.get(key.tag))
         try:
-            elem = self._dataset.get(key.tag)
+            meta = getattr(self._dataset, "file_meta", None)
+            source = meta if key.tag >> 16 == _FILE_META_GROUP and meta is not None else self._dataset
+            elem = source.get(key.tag)
             if elem is None:
                 elem = self._nested_elements().get(key.tag)
             return () if elem is None else _strings(elem.value)
@@ -93,7 +97,7 @@ class Facts:
             raise UnreadableValue(f"{key.name} cannot be decoded ({exc})") from None
 
     def _nested_elements(self) -> dict[int, DataElement]:
-        """First occurrence of each tag inside sequences (depth first), built once."""
+        """Each tag's occurrence inside sequences nearest the top level (then the first), built once."""
         if self._nested is None:
             found: dict[int, DataElement] = {}
             stack = [self._dataset]

@@ -274,7 +274,8 @@ class Node:
         for study_id, seen in self.db.studies_due(now):
             config = self.config
             rows = self.db.study_series(study_id)
-            if not config.study_routes or any(r.status != SeriesStatus.ASSEMBLED.value for r, _ in rows):
+            if not rows or not config.study_routes or any(r.status != SeriesStatus.ASSEMBLED.value
+                                                          for r, _ in rows):
                 self.db.set_study_check(study_id, seen, None)   # due again when its series is complete
                 continue
             members = [StudyMember(r, self._facts(r, path)) for r, path in rows]
@@ -290,8 +291,7 @@ class Node:
                     due.append(decision.due_at)
                 if decision.state == NOT_YET:
                     continue
-                forwards = [(sid, dest, config.route(route.name).priority_rank)  # type: ignore[union-attr]
-                            for sid, dest in decision.forwards]
+                forwards = [(sid, dest, route.priority_rank) for sid, dest in decision.forwards]
                 self.db.decide_study_route(study_id, route.name, decision.state, decision.reason, last,
                                            decision.jobs, forwards)
                 study_uid = rows[0][0].study_uid

@@ -38,6 +38,8 @@ def header(**values) -> Dataset:
     code.CodeValue = "RPID16"
     code.CodeMeaning = "CT CHEST WITH CONTRAST"
     ds.ProcedureCodeSequence = [code]
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.80"
     block = ds.private_block(0x0009, "ACME 1.0", create=True)
     block.add_new(0x01, "LO", "TRAUMA")
     for key, value in values.items():
@@ -106,6 +108,7 @@ CASES = [
     ({"(0009,1001)": "ELECTIVE"}, {}, False, "(0009,1001)='TRAUMA' matches none"),
     ({"CodeMeaning": "*CHEST*"}, {}, True, ""),                               # inside ProcedureCodeSequence
     ({"ProcedureCodeSequence": {"present": True}}, {}, True, ""),
+    ({"TransferSyntaxUID": "1.2.840.10008.1.2.4.*"}, {}, True, ""),            # file meta
     # association facts
     ({"CallingAETitle": "CT?"}, {}, True, ""),
     ({"CallingAETitle": "MR*"}, {}, False, "CallingAETitle='CT1' matches none of ['MR*']"),
