@@ -334,15 +334,22 @@ class Database:
             conn.execute(update(Job).where(Job.id == job_id).values(
                 status=status.value, error=error[:2000], finished_at=None if retry else time.time()))
 
-    def requeue_stalled(self, heartbeat_before: float) -> int:
-        """Give back running jobs and sending deliveries whose worker stopped (crash, restart)."""
+    def requeue_stalled(self, heartbeat_before: float | None = None) -> int:
+        """Give back work whose worker stopped; returns how many rows.
+
+        ``None`` gives back everything in flight: what a node does at start, when it is the
+        only node on this database. Otherwise running jobs whose heartbeat is older than
+        ``heartbeat_before`` and sending deliveries whose lease has expired are given back.
+        """
+        jobs = update(Job).where(Job.status == JobStatus.RUNNING.value)
+        deliveries = update(Delivery).where(Delivery.status == DeliveryStatus.SENDING.value)
+        if heartbeat_before is not None:
+            jobs = jobs.where(Job.heartbeat_at < heartbeat_before)
+            deliveries = deliveries.where(Delivery.next_attempt_at < time.time())
         with self.engine.begin() as conn:
-            n = conn.execute(update(Job).where(Job.status == JobStatus.RUNNING.value,
-                                               Job.heartbeat_at < heartbeat_before)
-                             .values(status=JobStatus.QUEUED.value)).rowcount
-            n += conn.execute(update(Delivery).where(Delivery.status == DeliveryStatus.SENDING.value,
-                                                     Delivery.next_attempt_at < heartbeat_before)
-                              .values(status=DeliveryStatus.PENDING.value)).rowcount
+            n = conn.execute(jobs.values(status=JobStatus.QUEUED.value)).rowcount
+            n += conn.execute(deliveries.values(status=DeliveryStatus.PENDING.value,
+                                                next_attempt_at=time.time())).rowcount
         return n
 
     def job_results(self, job_id: int) -> list[str]:

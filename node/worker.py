@@ -13,12 +13,13 @@ back what was in flight and carries on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pydicom
 
@@ -38,6 +39,8 @@ log = logging.getLogger("node.worker")
 
 MAX_JOB_ATTEMPTS = 3
 STALL_TIMEOUT_S = 300.0
+SWEEP_INTERVAL_S = 30.0
+HEARTBEAT_S = 30.0
 
 
 def load_models(config: Config) -> dict[str, ModelRuntime]:
@@ -78,7 +81,7 @@ class Node:
     # ----------------------------------------------------------- lifecycle
     def start(self) -> None:
         removed = self.store.clean_tmp()
-        given_back = self.db.requeue_stalled(heartbeat_before=time.time() + 1)
+        given_back = self.db.requeue_stalled()
         if removed or given_back:
             log.info("recovered after restart: %d partial files removed, %d jobs/deliveries given back",
                      removed, given_back)
@@ -115,8 +118,13 @@ class Node:
     def _assemble_loop(self) -> None:
         timeout = self.config.ingest.series_timeout_s
         tick = min(1.0, max(0.1, timeout / 5))
+        next_sweep = time.monotonic() + SWEEP_INTERVAL_S
         while not self._stop.wait(tick):
             self.assemble_once(time.time() - timeout)
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+                if n := self.db.requeue_stalled(heartbeat_before=time.time() - STALL_TIMEOUT_S):
+                    log.warning("gave back %d stalled jobs/deliveries", n)
 
     def assemble_once(self, quiet_since: float) -> int:
         """Assemble every series quiet since ``quiet_since``; returns how many."""
@@ -152,7 +160,25 @@ class Node:
                 self._jobs_ready.wait(1.0)
                 self._jobs_ready.clear()
                 continue
-            self.process_job(job)
+            with self._heartbeat(job.id):
+                self.process_job(job)
+
+    @contextlib.contextmanager
+    def _heartbeat(self, job_id: int) -> Iterator[None]:
+        """Keep a running job's heartbeat fresh, however long the model takes."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(HEARTBEAT_S):
+                self.db.heartbeat(job_id)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def process_job(self, job: JobRow) -> None:
         """Run one claimed job to done, queued (retry) or failed; never raises."""
@@ -189,11 +215,9 @@ class Node:
         t = time.perf_counter()
         volume = load_series([Path(p) for p in self.db.series_paths(job.series_id)])
         timings["decode"] = time.perf_counter() - t
-        self.db.heartbeat(job.id)
 
         prediction = runtime.run(volume)
         timings.update(prediction.timings)
-        self.db.heartbeat(job.id)
 
         t = time.perf_counter()
         job_key = f"{series_uid}|{manifest.name}|{manifest.version}"
