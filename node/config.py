@@ -47,6 +47,7 @@ class IngestSection:
     min_free_disk_mb: int = 1024
     fsync: bool = True
     max_pdu_size: int = 1048576
+    processes: int = 1                          # listener processes sharing the port
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         min_free_disk_mb=i.get("min_free_disk_mb", int, 1024),
         fsync=i.get("fsync", bool, True),
         max_pdu_size=i.get("max_pdu_size", int, 1048576),
+        processes=i.positive("processes", int, 1),
     )
     i.done()
     if ingest.min_free_disk_mb < 0:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
+import socket
 import socketserver
 import threading
 import time
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -82,6 +85,7 @@ class Ingest:
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.config.node.ae_title)
         ae.maximum_pdu_size = self.config.ingest.max_pdu_size
+        # Per process: the kernel's spread of connections over several processes is uneven.
         ae.maximum_associations = self.config.node.max_associations
         ae.network_timeout = 60
         ae.acse_timeout = 30
@@ -98,7 +102,8 @@ class Ingest:
         assert self._server is not None
         return int(self._server.server_address[1])
 
-    def start(self) -> None:
+    def start(self, reuse_port: bool = False) -> None:
+        """Listen in background threads; ``reuse_port`` lets several processes share the port."""
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -108,7 +113,8 @@ class Ingest:
             (evt.EVT_ABORTED, self._on_aborted),
         ]
         address = (self.config.node.host, self.config.node.port)
-        server = self.ae.make_server(address, evt_handlers=handlers, server_class=ThreadedAssociationServer,
+        server = self.ae.make_server(address, evt_handlers=handlers,
+                                     server_class=ReusePortServer if reuse_port else ThreadedAssociationServer,
                                      request_handler=FastRequestHandler)
         thread = threading.Thread(target=server.serve_forever, name="ingest-server", daemon=True)
         thread.start()
@@ -218,6 +224,32 @@ class Ingest:
             self.stats.bytes += size
         log.debug("stored %s (%d bytes) from %s", sop_uid, size, calling)
         return SUCCESS
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """A listener that shares its port with the node's other ingest processes (SO_REUSEPORT:
+    the kernel spreads incoming connections over them)."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def serve_ingest_only(config: Config) -> None:
+    """Entry point of an extra ingest process: listen until SIGTERM, then stop cleanly."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)       # the main process decides when to stop
+    db = Database(config.node.effective_database_url)
+    ingest = Ingest(config, FileStore(config.node.data_dir, fsync=config.ingest.fsync), db)
+    ingest.start(reuse_port=True)
+    stop.wait()
+    ingest.stop()
+    db.close()
 
 
 class Refused(Exception):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import threading
 import time
 from io import BytesIO
@@ -30,7 +31,7 @@ from .deliver import Peer, backoff, send_files
 from .encode import encode_classification, encode_segmentation
 from .errors import ConfigError, NodeError, PermanentError, RetryableError
 from .infer import ModelRuntime
-from .ingest import Ingest
+from .ingest import Ingest, serve_ingest_only
 from .manifest import discover, load_manifest
 from .store import FileStore
 from .volume import load_series
@@ -77,6 +78,7 @@ class Node:
         self._jobs_ready = threading.Event()
         self._deliveries_ready = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._ingest_processes: list[multiprocessing.process.BaseProcess] = []
 
     # ----------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -85,7 +87,15 @@ class Node:
         if removed or given_back:
             log.info("recovered after restart: %d partial files removed, %d jobs/deliveries given back",
                      removed, given_back)
-        self.ingest.start()
+        extra = self.config.ingest.processes - 1
+        self.ingest.start(reuse_port=extra > 0)
+        spawn = multiprocessing.get_context("spawn")
+        for k in range(extra):
+            proc = spawn.Process(target=serve_ingest_only, args=(self.config,), name=f"ingest-{k + 2}", daemon=True)
+            proc.start()
+            self._ingest_processes.append(proc)
+        if extra:
+            log.info("%d ingest processes share port %d", extra + 1, self.config.node.port)
         for name, target in (("assemble", self._assemble_loop), ("infer", self._infer_loop),
                              ("deliver-1", self._deliver_loop), ("deliver-2", self._deliver_loop)):
             thread = threading.Thread(target=self._guard(target), name=name, daemon=True)
@@ -94,7 +104,11 @@ class Node:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, let the current job and deliveries finish (up to ``timeout``)."""
+        for proc in self._ingest_processes:
+            proc.terminate()
         self.ingest.stop()
+        for proc in self._ingest_processes:
+            proc.join(15)
         self._stop.set()
         self._jobs_ready.set()
         self._deliveries_ready.set()

@@ -316,3 +316,17 @@ def test_association_limit_is_a_clear_refusal(make_node):
         assert "node.max_associations (1) reached" in node.log_text()
     finally:
         first.release()
+
+
+def test_two_ingest_processes_share_the_port(dcmtk, make_node, tmp_path):
+    import concurrent.futures
+    node = make_node(processes=2).start()
+    series = [make_ct_series(tmp_path / f"ct{k}", slices=10, size=32, seed=k) for k in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        done = list(pool.map(lambda s: storescu(dcmtk, node, s.files), series))
+    assert all(d.returncode == 0 for d in done)
+    db = sqlite3.connect(node.data_dir / "node.db")
+    assert db.execute("select count(*) from instances").fetchone()[0] == 40
+    assert db.execute("select count(*) from series").fetchone()[0] == 4
+    assert "2 ingest processes share port" in node.log_text()
+    assert node.stop() == 0
