@@ -125,6 +125,18 @@ class Delivery(Base):
     error: Mapped[str] = mapped_column(Text, default="")
 
 
+class AuditEvent(Base):
+    """Who did what, when: associations, results produced, deliveries, operator actions."""
+
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    actor: Mapped[str] = mapped_column(String(128))       # "CT1@10.0.0.5", "node", "operator:alice"
+    action: Mapped[str] = mapped_column(String(32))       # received, result, delivered, retry, purged, ...
+    subject: Mapped[str] = mapped_column(String(128))     # a study/series UID, job or delivery id
+    detail: Mapped[str] = mapped_column(Text, default="{}")
+
+
 @dataclass(frozen=True)
 class InstanceRecord:
     """What ingest knows of one stored instance."""
@@ -463,6 +475,21 @@ class Database:
             return [dict(id=d.id, kind=d.kind, job_id=d.job_id, series_id=d.series_id,
                          destination=d.destination, status=d.status, attempts=d.attempts,
                          error=d.error) for (d,) in conn.execute(stmt).all()]
+
+    # ----------------------------------------------------------------- audit
+    def audit(self, actor: str, action: str, subject: str, **detail: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(self._insert(AuditEvent).values(
+                at=time.time(), actor=actor[:128], action=action[:32], subject=subject[:128],
+                detail=json.dumps(detail, default=str)))
+
+    def audit_report(self, limit: int = 100, action: str | None = None) -> list[dict[str, Any]]:
+        stmt = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+        if action:
+            stmt = stmt.where(AuditEvent.action == action)
+        with Session(self.engine) as session:
+            return [dict(at=e.at, actor=e.actor, action=e.action, subject=e.subject,
+                         detail=json.loads(e.detail or "{}")) for (e,) in session.execute(stmt).all()]
 
     def ping(self) -> None:
         with self.engine.connect() as conn:

@@ -79,6 +79,7 @@ class Ingest:
         self.stats = IngestStats()
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
+        self._received: dict[int, dict[tuple[str, str], int]] = {}   # association -> series -> count
         self._networks = [ipaddress.ip_network(a) for a in config.ingest.allowed_addresses]
         self.ae = self._make_ae()
 
@@ -111,6 +112,7 @@ class Ingest:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_RELEASED, self._on_released),
         ]
         address = (self.config.node.host, self.config.node.port)
         server = self.ae.make_server(address, evt_handlers=handlers,
@@ -177,6 +179,24 @@ class Ingest:
         r = event.assoc.requestor
         log.warning("association from %s at %s aborted; instances acknowledged before it are kept",
                     r.ae_title, r.address)
+        self._audit_association(event, "aborted")
+
+    def _on_released(self, event: evt.Event) -> None:
+        self._audit_association(event, "released")
+
+    def _audit_association(self, event: evt.Event, how: str) -> None:
+        """One audit row per association that stored something: who sent which series."""
+        with self._lock:
+            received = self._received.pop(id(event.assoc), None)
+        if not received:
+            return
+        r = event.assoc.requestor
+        try:
+            for (study_uid, series_uid), count in received.items():
+                self.db.audit(f"{r.ae_title}@{r.address}", "received", series_uid, study_uid=study_uid,
+                              instances=count, association=how)
+        except Exception:  # noqa: BLE001 - the audit must not break the association's end
+            log.exception("could not write the audit record of an association from %s", r.ae_title)
 
     def _on_store(self, event: evt.Event) -> int:
         """Store one instance; always answers, never raises into pynetdicom."""
@@ -222,6 +242,9 @@ class Ingest:
         with self._lock:
             self.stats.stored += 1
             self.stats.bytes += size
+            per_series = self._received.setdefault(id(event.assoc), {})
+            key = (header.study_uid, header.series_uid)
+            per_series[key] = per_series.get(key, 0) + 1
         log.debug("stored %s (%d bytes) from %s", sop_uid, size, calling)
         return SUCCESS
 

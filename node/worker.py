@@ -214,6 +214,9 @@ class Node:
             self.db.fail_job(job.id, f"{type(exc).__name__}: {exc}", retry=again)
             return
         self.db.finish_job(job.id, files, summary, job.destinations)
+        self.db.audit("node", "result", series.series_uid, job_id=job.id, model=summary["model"],
+                      version=summary["version"], provider=summary["provider"], files=files,
+                      result_uids=summary.get("result_uids", []))
         log.info("%s done in %.2f s: %s", where, sum(summary["timings"].values()),
                  ", ".join(f"{k} {v:.2f}s" for k, v in summary["timings"].items()),
                  extra={"job_id": job.id, "timings": summary["timings"]})
@@ -248,6 +251,7 @@ class Node:
             summary["findings"] = [dict(name=f.name, probability=round(f.probability, 4), positive=f.positive,
                                         priority=f.priority) for f in findings]
         files = self._write_results(job.id, outputs)
+        summary["result_uids"] = [str(ds.SOPInstanceUID) for ds in outputs.values()]
         timings["encode"] = time.perf_counter() - t
         summary["timings"] = {k: round(v, 4) for k, v in timings.items()}
         return summary, files
@@ -299,6 +303,8 @@ class Node:
             error = f"{type(exc).__name__}: {exc}"
         if not error:
             self.db.finish_delivery(delivery.id)
+            self.db.audit("node", "delivered", f"delivery {delivery.id}", kind=delivery.kind,
+                          job_id=delivery.job_id, destination=str(peer), files=len(files))
             log.info("%s: %d files sent in %.2f s", where, len(files), time.perf_counter() - t,
                      extra={"delivery_id": delivery.id})
             return

@@ -122,6 +122,10 @@ def test_study_in_results_out(dcmtk, orthanc, make_node, tmp_path):
 
     jobs = node.cli("jobs")
     assert jobs.returncode == 0 and "done" in jobs.stdout and "Lungs" in jobs.stdout
+    audit = node.cli("audit").stdout              # who sent what; which model made which result
+    assert f"CTSCANNER@127.0.0.1      received   {phantom.series_uid}" in audit
+    assert "instances=32" in audit and "model=ct-tissue version=1.0.0" in audit
+    assert str(seg.SOPInstanceUID) in audit and "delivered" in audit
     assert "no usable GPU" in node.log_text()       # said once, in one line, then the CPU runs it
     assert node.log_text().count("no usable GPU") == 1
 
@@ -276,6 +280,7 @@ def test_failed_delivery_is_visible_and_retry_sends_it(dcmtk, make_node, tmp_pat
         job_id = jobs.split()[0].lstrip("#")
         retried = node.cli("retry", job_id)
         assert retried.returncode == 0 and "1 deliveries queued again" in retried.stdout
+        assert f"retry      job {job_id}" in node.cli("audit", "--action", "retry").stdout
         deadline = time.time() + 30
         while len(pacs.received) < 2 and time.time() < deadline:
             time.sleep(0.1)
