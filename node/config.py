@@ -66,6 +66,12 @@ class DeliverySection:
 
 
 @dataclass(frozen=True)
+class RetentionSection:
+    delete_after_h: float = 0.0      # images and results, after their results were delivered; 0: keep
+    check_interval_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Destination:
     name: str
     ae_title: str
@@ -93,6 +99,7 @@ class Config:
     ingest: IngestSection = field(default_factory=IngestSection)
     inference: InferenceSection = field(default_factory=InferenceSection)
     delivery: DeliverySection = field(default_factory=DeliverySection)
+    retention: RetentionSection = field(default_factory=RetentionSection)
     destinations: tuple[Destination, ...] = ()
     routes: tuple[Route, ...] = ()
 
@@ -171,6 +178,14 @@ def parse_config(data: dict[str, Any]) -> Config:
     )
     d.done()
 
+    r = top.table("retention")
+    retention = RetentionSection(
+        delete_after_h=r.get("delete_after_h", float, 0.0),
+        check_interval_s=r.positive("check_interval_s", float, 60.0))
+    r.done()
+    if retention.delete_after_h < 0:
+        raise ConfigError("retention.delete_after_h: must be 0 (keep forever) or more")
+
     destinations = []
     for t in top.tables("destinations"):
         destinations.append(Destination(
@@ -203,7 +218,7 @@ def parse_config(data: dict[str, Any]) -> Config:
             raise ConfigError(f"{t.where}: a route needs models or forward_to (it would do nothing)")
         routes.append(route)
     top.done()
-    return Config(node=node, ingest=ingest, inference=inference, delivery=delivery,
+    return Config(node=node, ingest=ingest, inference=inference, delivery=delivery, retention=retention,
                   destinations=tuple(destinations), routes=tuple(routes))
 
 

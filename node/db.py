@@ -3,6 +3,7 @@
 States (each change is one committed statement, so a crash anywhere loses nothing)::
 
     series:     receiving --(quiet for series_timeout_s)--> assembled --(new instance)--> receiving
+                assembled --(results delivered + retention time)--> purged
     job:        queued --claim--> running --> done
                                      |------> queued   (retryable error, or stalled/restarted)
                                      '------> failed   (permanent error, or attempts used up)
@@ -34,6 +35,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 class SeriesStatus(str, enum.Enum):
     RECEIVING = "receiving"
     ASSEMBLED = "assembled"
+    PURGED = "purged"          # files removed by retention; the rows stay
 
 
 class JobStatus(str, enum.Enum):
@@ -475,6 +477,34 @@ class Database:
             return [dict(id=d.id, kind=d.kind, job_id=d.job_id, series_id=d.series_id,
                          destination=d.destination, status=d.status, attempts=d.attempts,
                          error=d.error) for (d,) in conn.execute(stmt).all()]
+
+    # ------------------------------------------------------------- retention
+    def purgeable_series(self, finished_before: float) -> list[int]:
+        """Assembled series whose jobs and deliveries are all done, the last before the time."""
+        open_jobs = select(Job.id).where(Job.series_id == Series.id, Job.status != JobStatus.DONE.value).exists()
+        open_deliveries = select(Delivery.id).where(
+            Delivery.series_id == Series.id, Delivery.status != DeliveryStatus.DONE.value).exists()
+        last_job = select(func.max(Job.finished_at)).where(Job.series_id == Series.id).scalar_subquery()
+        last_delivery = (select(func.max(Delivery.finished_at)).where(Delivery.series_id == Series.id)
+                         .scalar_subquery())
+        finished = func.coalesce(last_delivery, last_job, Series.last_received_at)
+        stmt = (select(Series.id).where(Series.status == SeriesStatus.ASSEMBLED.value, ~open_jobs,
+                                        ~open_deliveries, finished < finished_before)
+                .order_by(Series.id).limit(100))
+        with self.engine.connect() as conn:
+            return list(conn.execute(stmt).scalars())
+
+    def series_results(self, series_id: int) -> list[str]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(Job.result_files).where(Job.series_id == series_id)).scalars()
+            return [path for row in rows for path in json.loads(row or "[]")]
+
+    def mark_purged(self, series_id: int) -> bool:
+        """Assembled -> purged, unless an instance arrived meanwhile (then it is receiving)."""
+        with self.engine.begin() as conn:
+            return bool(conn.execute(update(Series).where(
+                Series.id == series_id, Series.status == SeriesStatus.ASSEMBLED.value)
+                .values(status=SeriesStatus.PURGED.value)).rowcount)
 
     # ----------------------------------------------------------------- audit
     def audit(self, actor: str, action: str, subject: str, **detail: Any) -> None:

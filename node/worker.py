@@ -133,8 +133,12 @@ class Node:
         timeout = self.config.ingest.series_timeout_s
         tick = min(1.0, max(0.1, timeout / 5))
         next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+        next_purge = time.monotonic() + self.config.retention.check_interval_s
         while not self._stop.wait(tick):
             self.assemble_once(time.time() - timeout)
+            if time.monotonic() >= next_purge:
+                next_purge = time.monotonic() + self.config.retention.check_interval_s
+                self.purge_once()
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + SWEEP_INTERVAL_S
                 if n := self.db.requeue_stalled(heartbeat_before=time.time() - STALL_TIMEOUT_S):
@@ -165,6 +169,24 @@ class Node:
             if plan.forwards:
                 self._deliveries_ready.set()
         return done
+
+    # ----------------------------------------------------------- retention
+    def purge_once(self) -> int:
+        """Remove the files of series delivered longer ago than the retention times."""
+        hours = self.config.retention.delete_after_h
+        if not hours:
+            return 0
+        purged = 0
+        for series_id in self.db.purgeable_series(time.time() - hours * 3600):
+            series = self.db.get_series(series_id)
+            files = self.db.series_paths(series_id) + self.db.series_results(series_id)
+            if not self.db.mark_purged(series_id):
+                continue          # an instance arrived meanwhile: the series is receiving again
+            removed = self.store.remove(files)
+            purged += 1
+            self.db.audit("node", "purged", series.series_uid, files=removed)
+            log.info("retention: removed %d files of series %s (the records stay)", removed, series.series_uid)
+        return purged
 
     # --------------------------------------------------------------- infer
     def _infer_loop(self) -> None:

@@ -335,3 +335,23 @@ def test_two_ingest_processes_share_the_port(dcmtk, make_node, tmp_path):
     assert db.execute("select count(*) from series").fetchone()[0] == 4
     assert "2 ingest processes share port" in node.log_text()
     assert node.stop() == 0
+
+
+def test_retention_removes_files_after_delivery_and_keeps_records(dcmtk, orthanc, make_node, tmp_path):
+    node = make_node(orthanc)
+    node.config.write_text(node.config.read_text() + "[retention]\ndelete_after_h = 0.0005\ncheck_interval_s = 0.5\n")
+    node.start()
+    phantom = make_ct_series(tmp_path / "ct", slices=6, size=64)
+    storescu(dcmtk, node, phantom.files)
+    orthanc.wait_for(lambda: len(result_instances(orthanc, phantom.study_uid)) == 2, timeout=60,
+                     message="results delivered")
+    db = sqlite3.connect(node.data_dir / "node.db")
+    deadline = time.time() + 30
+    while db.execute("select status from series").fetchone()[0] != "purged" and time.time() < deadline:
+        time.sleep(0.2)
+    assert db.execute("select status from series").fetchone()[0] == "purged"
+    assert not list((node.data_dir / "images").rglob("*.dcm"))
+    assert not list((node.data_dir / "results").rglob("*.dcm"))
+    assert db.execute("select count(*) from instances").fetchone()[0] == 6      # the record stays
+    assert "Lungs" in node.cli("jobs").stdout
+    assert "purged" in node.cli("audit", "--action", "purged").stdout
