@@ -36,6 +36,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from .config import Config
 from .db import Database, InstanceRecord
 from .store import FileStore, valid_uid
+from .tls import server_context
 from .transport import FastRequestHandler
 
 log = logging.getLogger("node.ingest")
@@ -115,13 +116,15 @@ class Ingest:
             (evt.EVT_RELEASED, self._on_released),
         ]
         address = (self.config.node.host, self.config.node.port)
-        server = self.ae.make_server(address, evt_handlers=handlers,
+        ssl_context = server_context(self.config.tls) if self.config.tls.enabled else None
+        server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context,
                                      server_class=ReusePortServer if reuse_port else ThreadedAssociationServer,
                                      request_handler=FastRequestHandler)
         thread = threading.Thread(target=server.serve_forever, name="ingest-server", daemon=True)
         thread.start()
         self._server = server
-        log.info("listening as %s on %s:%d", self.config.node.ae_title, address[0], self.port,
+        log.info("listening as %s on %s:%d%s", self.config.node.ae_title, address[0], self.port,
+                 " (DICOM TLS)" if ssl_context else "",
                  extra={"ae_title": self.config.node.ae_title, "port": self.port})
 
     def stop(self) -> None:

@@ -34,6 +34,7 @@ from .infer import ModelRuntime
 from .ingest import Ingest, serve_ingest_only
 from .manifest import discover, load_manifest
 from .store import FileStore
+from .tls import client_context
 from .volume import load_series
 
 log = logging.getLogger("node.worker")
@@ -74,6 +75,7 @@ class Node:
         self.db.create()
         self.models = load_models(config)
         self.ingest = Ingest(config, self.store, self.db)
+        self._client_tls = client_context(config.tls) if any(d.tls for d in config.destinations) else None
         self._stop = threading.Event()
         self._jobs_ready = threading.Event()
         self._deliveries_ready = threading.Event()
@@ -313,7 +315,7 @@ class Node:
             return
         files = (self.db.job_results(delivery.job_id) if delivery.job_id is not None
                  else self.db.series_paths(delivery.series_id))
-        peer = Peer(dest.ae_title, dest.host, dest.port)
+        peer = Peer(dest.ae_title, dest.host, dest.port, self._client_tls if dest.tls else None)
         t = time.perf_counter()
         try:
             report = send_files([Path(f) for f in files], peer, self.config.node.ae_title, cfg.timeout_s)
