@@ -14,14 +14,12 @@ import socket
 import socketserver
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
@@ -310,8 +308,8 @@ def read_header(stream: BytesIO, transfer_syntax: str, sop_uid: str, sop_class_u
     try:
         ds = decode(stream, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
         values = {k: _text(ds, k) for k in _HEADER_KEYS + ("SOPClassUID",)}
-    except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError, IndexError,
-            OverflowError, UnicodeError, AttributeError, NotImplementedError, zlib.error) as exc:
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any failure to parse is a refusal
+        # (seen: ValueError, EOFError, struct.error, zlib.error, KeyError, UnicodeError, ...)
         raise Refused(CANNOT_UNDERSTAND, f"data set cannot be decoded: {type(exc).__name__}: {exc}") from None
     finally:
         stream.seek(0)
