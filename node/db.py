@@ -401,6 +401,18 @@ class Database:
         with self.engine.begin() as conn:
             conn.execute(update(Delivery).where(Delivery.id == delivery_id).values(**values))
 
+    def hold_destination(self, destination: str, until: float) -> int:
+        """Push every pending delivery to ``destination`` to ``until`` at the earliest.
+
+        After a failed attempt the destination is presumed down until its next retry, so
+        its other deliveries wait too instead of each hammering it (no retry storms).
+        Attempts are not counted for them. Returns how many were held.
+        """
+        with self.engine.begin() as conn:
+            return conn.execute(update(Delivery).where(
+                Delivery.destination == destination, Delivery.status == DeliveryStatus.PENDING.value,
+                Delivery.next_attempt_at < until).values(next_attempt_at=until)).rowcount
+
     def next_delivery_due(self) -> float | None:
         with self.engine.connect() as conn:
             return conn.execute(select(func.min(Delivery.next_attempt_at))

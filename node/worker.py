@@ -339,4 +339,5 @@ class Node:
         else:
             delay = backoff(delivery.attempts, cfg.backoff_s, cfg.backoff_max_s)
             self.db.defer_delivery(delivery.id, error, time.time() + delay)
+            self.db.hold_destination(delivery.destination, time.time() + delay)
             log.warning("%s attempt %d failed: %s; next try in %.0f s", where, delivery.attempts, error, delay)
