@@ -53,6 +53,7 @@ class IngestSection:
     min_free_disk_mb: int = 1024
     fsync: bool = True
     max_pdu_size: int = 1048576
+    processes: int = 1                          # listener processes sharing the port
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,27 @@ class DeliverySection:
 
 
 @dataclass(frozen=True)
+class TlsSection:
+    enabled: bool = False            # the listener speaks DICOM TLS only
+    cert_file: str = ""              # our certificate (PEM), for the listener and as client cert
+    key_file: str = ""
+    ca_file: str = ""                # CAs that sign peers' certificates
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
+class RetentionSection:
+    delete_after_h: float = 0.0      # images and results, after their results were delivered; 0: keep
+    check_interval_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Destination:
     name: str
     ae_title: str
     host: str
     port: int
+    tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,6 +165,8 @@ class Config:
     inference: InferenceSection = field(default_factory=InferenceSection)
     delivery: DeliverySection = field(default_factory=DeliverySection)
     notify: NotifySection = field(default_factory=NotifySection)
+    retention: RetentionSection = field(default_factory=RetentionSection)
+    tls: TlsSection = field(default_factory=TlsSection)
     destinations: tuple[Destination, ...] = ()
     routes: tuple[Route, ...] = ()
 
@@ -207,6 +226,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         min_free_disk_mb=i.get("min_free_disk_mb", int, 1024),
         fsync=i.get("fsync", bool, True),
         max_pdu_size=i.get("max_pdu_size", int, 1048576),
+        processes=i.positive("processes", int, 1),
     )
     i.done()
     if ingest.min_free_disk_mb < 0:
@@ -232,13 +252,32 @@ def parse_config(data: dict[str, Any]) -> Config:
     )
     d.done()
 
+    r = top.table("retention")
+    retention = RetentionSection(
+        delete_after_h=r.get("delete_after_h", float, 0.0),
+        check_interval_s=r.positive("check_interval_s", float, 60.0))
+    r.done()
+    if retention.delete_after_h < 0:
+        raise ConfigError("retention.delete_after_h: must be 0 (keep forever) or more")
+
+    t = top.table("tls")
+    tls = TlsSection(enabled=t.get("enabled", bool, False), cert_file=t.get("cert_file", str, ""),
+                     key_file=t.get("key_file", str, ""), ca_file=t.get("ca_file", str, ""),
+                     require_client_cert=t.get("require_client_cert", bool, False))
+    t.done()
+    if tls.enabled and not tls.cert_file:
+        raise ConfigError("tls.cert_file: the TLS listener needs a certificate")
+    if tls.require_client_cert and not tls.ca_file:
+        raise ConfigError("tls.ca_file: needed to verify client certificates (tls.require_client_cert)")
+
     destinations = []
     for t in top.tables("destinations"):
         destinations.append(Destination(
             name=t.require("name", str),
             ae_title=_ae_title(t.require("ae_title", str), f"{t.where}.ae_title"),
             host=t.require("host", str),
-            port=_port(t.require("port", int), f"{t.where}.port")))
+            port=_port(t.require("port", int), f"{t.where}.port"),
+            tls=t.get("tls", bool, False)))
         t.done()
     names = [x.name for x in destinations]
     for name in names:
@@ -266,7 +305,7 @@ def parse_config(data: dict[str, Any]) -> Config:
             raise ConfigError(f"routes[{k}].name: {name!r} is used by two routes")
     top.done()
     return Config(node=node, ingest=ingest, inference=inference, delivery=delivery, notify=notify,
-                  destinations=tuple(destinations), routes=tuple(routes))
+                  retention=retention, tls=tls, destinations=tuple(destinations), routes=tuple(routes))
 
 
 def _route(t: Table, destinations: list[str], series_timeout_s: float) -> Route:

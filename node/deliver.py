@@ -9,14 +9,16 @@ from __future__ import annotations
 import logging
 import random
 import re
+import ssl
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 from .errors import DeliveryError
@@ -26,6 +28,9 @@ log = logging.getLogger("node.deliver")
 
 _PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:@]+):(?P<port>\d{1,5})$")
 _MAX_CONTEXTS = 128
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+#: Success, and the storage warnings (coercion, elements discarded, data set mismatch).
+_SUCCESS_OR_WARNING = (0x0000, 0xB000, 0xB006, 0xB007)
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class Peer:
     ae_title: str
     host: str
     port: int
+    tls: ssl.SSLContext | None = field(default=None, compare=False)   # None: plain TCP
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -77,9 +83,7 @@ def echo(peer: Peer, calling_ae: str = "AINODE", timeout: float = 10.0) -> int:
     """
     ae = _ae(calling_ae, timeout)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-    if not assoc.is_established:
-        raise DeliveryError(f"{peer}: association {_why(assoc)}")
+    assoc = _associate(ae, peer)
     try:
         status = assoc.send_c_echo()
     finally:
@@ -118,34 +122,37 @@ def send_files(paths: Sequence[Path], peer: Peer, calling_ae: str = "AINODE",
     if not readable:
         return report
     ae = _ae(calling_ae, timeout)
-    # Files go as stored, so each needs a context in exactly its own transfer syntax: one
-    # context per (SOP class, transfer syntax). Offering several syntaxes in one context lets
-    # the peer pick another (Orthanc prefers uncompressed), and a compressed file would then
-    # have no context at all.
-    pairs = list(OrderedDict.fromkeys(readable.values()))
-    if len(pairs) > _MAX_CONTEXTS:
-        raise DeliveryError(f"{peer}: {len(pairs)} (SOP class, transfer syntax) pairs in one send; "
+    # Each SOP class is proposed in the files' own transfer syntaxes, one context each (the
+    # peer then cannot pick another syntax of the same context), plus one context offering
+    # the uncompressed syntaxes, into which pynetdicom re-encodes uncompressed files.
+    contexts: OrderedDict[tuple[str, tuple[str, ...]], None] = OrderedDict()
+    for sop_class, ts in readable.values():
+        contexts[(sop_class, (ts,))] = None
+        contexts[(sop_class, _UNCOMPRESSED)] = None
+    if len(contexts) > _MAX_CONTEXTS:
+        raise DeliveryError(f"{peer}: {len(contexts)} presentation contexts needed in one send; "
                             f"at most {_MAX_CONTEXTS}")
-    for sop_class, ts in pairs:
-        ae.add_requested_context(sop_class, [ts])
+    for sop_class, syntaxes in contexts:
+        ae.add_requested_context(sop_class, list(syntaxes))
 
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-    if not assoc.is_established:
-        raise DeliveryError(f"{peer}: association {_why(assoc)}")
+    assoc = _associate(ae, peer)
     tune(assoc)
     try:
         accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
         for path, (sop_class, ts) in readable.items():
-            if (sop_class, ts) not in accepted:
+            if (sop_class, ts) in accepted:
+                status = assoc.send_c_store(path)          # as stored, not decoded
+            elif ts in _UNCOMPRESSED and any((sop_class, u) in accepted for u in _UNCOMPRESSED):
+                status = assoc.send_c_store(dcmread(path))  # re-encoded by pynetdicom
+            else:
                 report.failed.append((str(path), f"peer accepts no context for {sop_class} in {ts}"))
                 continue
-            status = assoc.send_c_store(path)
             if not assoc.is_established:
                 raise DeliveryError(f"{peer}: association lost while sending {path.name}")
             code = int(status.Status) if status and "Status" in status else None
             if code is None:
                 report.failed.append((str(path), "no response (timeout or aborted)"))
-            elif code in (0x0000, 0xB000, 0xB007, 0xB006):
+            elif code in _SUCCESS_OR_WARNING:
                 report.sent += 1
             else:
                 report.failed.append((str(path), f"peer answered status 0x{code:04X}"))
@@ -153,6 +160,19 @@ def send_files(paths: Sequence[Path], peer: Peer, calling_ae: str = "AINODE",
         if assoc.is_established:
             assoc.release()
     return report
+
+
+def _associate(ae: AE, peer: Peer) -> Association:
+    """Open an association (over TLS when the peer has a context).
+
+    Raises:
+        DeliveryError: it could not be made.
+    """
+    tls_args = (peer.tls, peer.host) if peer.tls is not None else None
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    if not assoc.is_established:
+        raise DeliveryError(f"{peer}{' (TLS)' if peer.tls else ''}: association {_why(assoc)}")
+    return assoc
 
 
 def _why(assoc: object) -> str:

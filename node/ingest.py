@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
+import socket
 import socketserver
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
+import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
@@ -33,6 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from .config import Config
 from .db import Database, InstanceRecord
 from .store import FileStore, valid_uid
+from .tls import server_context
 from .transport import FastRequestHandler
 
 log = logging.getLogger("node.ingest")
@@ -76,12 +78,14 @@ class Ingest:
         self.stats = IngestStats()
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
+        self._received: dict[int, dict[tuple[str, str], int]] = {}   # association -> series -> count
         self._networks = [ipaddress.ip_network(a) for a in config.ingest.allowed_addresses]
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.config.node.ae_title)
         ae.maximum_pdu_size = self.config.ingest.max_pdu_size
+        # Per process: the kernel's spread of connections over several processes is uneven.
         ae.maximum_associations = self.config.node.max_associations
         ae.network_timeout = 60
         ae.acse_timeout = 30
@@ -98,7 +102,8 @@ class Ingest:
         assert self._server is not None
         return int(self._server.server_address[1])
 
-    def start(self) -> None:
+    def start(self, reuse_port: bool = False) -> None:
+        """Listen in background threads; ``reuse_port`` lets several processes share the port."""
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -106,14 +111,18 @@ class Ingest:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_RELEASED, self._on_released),
         ]
         address = (self.config.node.host, self.config.node.port)
-        server = self.ae.make_server(address, evt_handlers=handlers, server_class=ThreadedAssociationServer,
+        ssl_context = server_context(self.config.tls) if self.config.tls.enabled else None
+        server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context,
+                                     server_class=ReusePortServer if reuse_port else ThreadedAssociationServer,
                                      request_handler=FastRequestHandler)
         thread = threading.Thread(target=server.serve_forever, name="ingest-server", daemon=True)
         thread.start()
         self._server = server
-        log.info("listening as %s on %s:%d", self.config.node.ae_title, address[0], self.port,
+        log.info("listening as %s on %s:%d%s", self.config.node.ae_title, address[0], self.port,
+                 " (DICOM TLS)" if ssl_context else "",
                  extra={"ae_title": self.config.node.ae_title, "port": self.port})
 
     def stop(self) -> None:
@@ -171,6 +180,24 @@ class Ingest:
         r = event.assoc.requestor
         log.warning("association from %s at %s aborted; instances acknowledged before it are kept",
                     r.ae_title, r.address)
+        self._audit_association(event, "aborted")
+
+    def _on_released(self, event: evt.Event) -> None:
+        self._audit_association(event, "released")
+
+    def _audit_association(self, event: evt.Event, how: str) -> None:
+        """One audit row per association that stored something: who sent which series."""
+        with self._lock:
+            received = self._received.pop(id(event.assoc), None)
+        if not received:
+            return
+        r = event.assoc.requestor
+        try:
+            for (study_uid, series_uid), count in received.items():
+                self.db.audit(f"{r.ae_title}@{r.address}", "received", series_uid, study_uid=study_uid,
+                              instances=count, association=how)
+        except Exception:  # noqa: BLE001 - the audit must not break the association's end
+            log.exception("could not write the audit record of an association from %s", r.ae_title)
 
     def _on_store(self, event: evt.Event) -> int:
         """Store one instance; always answers, never raises into pynetdicom."""
@@ -217,8 +244,37 @@ class Ingest:
         with self._lock:
             self.stats.stored += 1
             self.stats.bytes += size
+            per_series = self._received.setdefault(id(event.assoc), {})
+            key = (header.study_uid, header.series_uid)
+            per_series[key] = per_series.get(key, 0) + 1
         log.debug("stored %s (%d bytes) from %s", sop_uid, size, calling)
         return SUCCESS
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """A listener that shares its port with the node's other ingest processes (SO_REUSEPORT:
+    the kernel spreads incoming connections over them)."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def serve_ingest_only(config: Config) -> None:
+    """Entry point of an extra ingest process: listen until SIGTERM, then stop cleanly."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)       # the main process decides when to stop
+    db = Database(config.node.effective_database_url)
+    ingest = Ingest(config, FileStore(config.node.data_dir, fsync=config.ingest.fsync), db)
+    ingest.start(reuse_port=True)
+    stop.wait()
+    ingest.stop()
+    db.close()
 
 
 class Refused(Exception):
@@ -253,8 +309,8 @@ def read_header(stream: BytesIO, transfer_syntax: str, sop_uid: str, sop_class_u
     try:
         ds = decode(stream, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
         values = {k: _text(ds, k) for k in _HEADER_KEYS + ("SOPClassUID",)}
-    except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError, IndexError,
-            OverflowError, UnicodeError, AttributeError, NotImplementedError, zlib.error) as exc:
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any failure to parse is a refusal
+        # (seen: ValueError, EOFError, struct.error, zlib.error, KeyError, UnicodeError, ...)
         raise Refused(CANNOT_UNDERSTAND, f"data set cannot be decoded: {type(exc).__name__}: {exc}") from None
     finally:
         stream.seek(0)

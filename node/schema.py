@@ -19,6 +19,7 @@ ROUTINE = 2   # priority rank: 0 stat, 1 urgent, 2 routine
 class SeriesStatus(str, enum.Enum):
     RECEIVING = "receiving"
     ASSEMBLED = "assembled"
+    PURGED = "purged"          # files removed by retention; the rows stay
 
 
 class JobStatus(str, enum.Enum):
@@ -120,6 +121,18 @@ class Delivery(Base):
     created_at: Mapped[float] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str] = mapped_column(Text, default="")
+
+
+class AuditEvent(Base):
+    """Who did what, when: associations, results produced, deliveries, operator actions."""
+
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    actor: Mapped[str] = mapped_column(String(128))       # "CT1@10.0.0.5", "node", "operator:alice"
+    action: Mapped[str] = mapped_column(String(32))       # received, result, delivered, retry, purged, ...
+    subject: Mapped[str] = mapped_column(String(128))     # a study/series UID, job or delivery id
+    detail: Mapped[str] = mapped_column(Text, default="{}")
 
 
 class StudyRoute(Base):

@@ -18,14 +18,16 @@ each stage reads it once per item.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import multiprocessing
 import threading
 import time
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import pydicom
 
@@ -37,11 +39,12 @@ from .deliver import Peer, backoff, send_files
 from .encode import encode_classification, encode_segmentation
 from .errors import ConfigError, NodeError, PermanentError, RetryableError
 from .infer import ModelRuntime
-from .ingest import Ingest
+from .ingest import Ingest, serve_ingest_only
 from .manifest import ModelManifest, discover, load_manifest
 from .notify import post_json, webhook_url
 from .rules import Facts
 from .store import FileStore
+from .tls import client_context
 from .triage import Outcome, triage
 from .volume import load_series
 
@@ -49,6 +52,8 @@ log = logging.getLogger("node.worker")
 
 MAX_JOB_ATTEMPTS = 3
 STALL_TIMEOUT_S = 300.0
+SWEEP_INTERVAL_S = 30.0
+HEARTBEAT_S = 30.0
 IDLE_WAIT_S = 1.0
 MIN_RETRY_WAIT_S = 0.05
 
@@ -119,7 +124,8 @@ def _mtime(path: Path) -> int:
 #: Settings the running listener and file store were built with; a reload cannot change them.
 RESTART_KEYS = ("node.ae_title", "node.host", "node.port", "node.data_dir", "node.database_url",
                 "node.max_associations", "ingest.allowed_calling_aets", "ingest.allowed_addresses",
-                "ingest.max_pdu_size", "ingest.fsync")
+                "ingest.max_pdu_size", "ingest.fsync", "ingest.processes", "tls.enabled", "tls.cert_file",
+                "tls.key_file", "tls.ca_file", "tls.require_client_cert")
 
 
 def _setting(config: Config, key: str) -> Any:
@@ -139,11 +145,13 @@ class Node:
         self._state = NodeState(config, models, stamps)
         self._reload_lock = threading.Lock()
         self.ingest = Ingest(config, self.store, self.db)
+        self._client_tls = client_context(config.tls) if any(d.tls for d in config.destinations) else None
         self._stop = threading.Event()
         self._jobs_ready = threading.Event()
         self._deliveries_ready = threading.Event()
         self._notifications_ready = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._ingest_processes: list[multiprocessing.process.BaseProcess] = []
         self._check_webhook(config)
 
     @property
@@ -170,9 +178,11 @@ class Node:
             restart = [f"{key} ({_setting(old.config, key)!r} -> {_setting(new, key)!r}) needs a restart"
                        for key in RESTART_KEYS if _setting(old.config, key) != _setting(new, key)]
             keep = {k.split(".")[1]: _setting(old.config, k) for k in RESTART_KEYS if k.startswith("ingest.")}
-            effective = dataclasses.replace(new, node=old.config.node,
+            effective = dataclasses.replace(new, node=old.config.node, tls=old.config.tls,
                                             ingest=dataclasses.replace(new.ingest, **keep))
             models, stamps = load_models(effective, old)
+            if self._client_tls is None and any(d.tls for d in effective.destinations):
+                self._client_tls = client_context(effective.tls)
             self._state = NodeState(effective, models, stamps)
             self.ingest.config = effective
         self._check_webhook(effective)
@@ -195,11 +205,19 @@ class Node:
     # ----------------------------------------------------------- lifecycle
     def start(self) -> None:
         removed = self.store.clean_tmp()
-        given_back = self.db.requeue_stalled(heartbeat_before=time.time() + 1)
+        given_back = self.db.requeue_stalled()
         if removed or given_back:
             log.info("recovered after restart: %d partial files removed, %d jobs/deliveries given back",
                      removed, given_back)
-        self.ingest.start()
+        extra = self.config.ingest.processes - 1
+        self.ingest.start(reuse_port=extra > 0)
+        spawn = multiprocessing.get_context("spawn")
+        for k in range(extra):
+            proc = spawn.Process(target=serve_ingest_only, args=(self.config,), name=f"ingest-{k + 2}", daemon=True)
+            proc.start()
+            self._ingest_processes.append(proc)
+        if extra:
+            log.info("%d ingest processes share port %d", extra + 1, self.config.node.port)
         for name, target in (("assemble", self._assemble_loop), ("infer", self._infer_loop),
                              ("deliver-1", self._deliver_loop), ("deliver-2", self._deliver_loop),
                              ("notify", self._notify_loop)):
@@ -209,7 +227,11 @@ class Node:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, let the current job and deliveries finish (up to ``timeout``)."""
+        for proc in self._ingest_processes:
+            proc.terminate()
         self.ingest.stop()
+        for proc in self._ingest_processes:
+            proc.join(15)
         self._stop.set()
         self._jobs_ready.set()
         self._deliveries_ready.set()
@@ -232,9 +254,18 @@ class Node:
 
     # ------------------------------------------------------------ assemble
     def _assemble_loop(self) -> None:
+        next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+        next_purge = time.monotonic() + self.config.retention.check_interval_s
         while not self._stop.wait(min(IDLE_WAIT_S, max(0.1, self.config.ingest.series_timeout_s / 5))):
             self.assemble_once(time.time() - self.config.ingest.series_timeout_s)
             self.assemble_studies(time.time())
+            if time.monotonic() >= next_purge:
+                next_purge = time.monotonic() + self.config.retention.check_interval_s
+                self.purge_once()
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+                if n := self.db.requeue_stalled(heartbeat_before=time.time() - STALL_TIMEOUT_S):
+                    log.warning("gave back %d stalled jobs/deliveries", n)
 
     def assemble_once(self, quiet_since: float) -> int:
         """Assemble every series quiet since ``quiet_since``; returns how many."""
@@ -274,8 +305,8 @@ class Node:
         for study_id, seen in self.db.studies_due(now):
             config = self.config
             rows = self.db.study_series(study_id)
-            if not rows or not config.study_routes or any(r.status != SeriesStatus.ASSEMBLED.value
-                                                          for r, _ in rows):
+            complete = (SeriesStatus.ASSEMBLED.value, SeriesStatus.PURGED.value)
+            if not rows or not config.study_routes or any(r.status not in complete for r, _ in rows):
                 self.db.set_study_check(study_id, seen, None)   # due again when its series is complete
                 continue
             members = [StudyMember(r, self._facts(r, path)) for r, path in rows]
@@ -310,6 +341,24 @@ class Node:
             self.db.set_study_check(study_id, seen, min(due) if due else None)
         return fired
 
+    # ----------------------------------------------------------- retention
+    def purge_once(self) -> int:
+        """Remove the files of series delivered longer ago than the retention times."""
+        hours = self.config.retention.delete_after_h
+        if not hours:
+            return 0
+        purged = 0
+        for series_id in self.db.purgeable_series(time.time() - hours * 3600):
+            series = self.db.get_series(series_id)
+            files = self.db.series_paths(series_id) + self.db.series_results(series_id)
+            if not self.db.mark_purged(series_id):
+                continue          # an instance arrived meanwhile: the series is receiving again
+            removed = self.store.remove(files)
+            purged += 1
+            self.db.audit("node", "purged", series.series_uid, files=removed)
+            log.info("retention: removed %d files of series %s (the records stay)", removed, series.series_uid)
+        return purged
+
     # --------------------------------------------------------------- infer
     def _infer_loop(self) -> None:
         while not self._stop.is_set():
@@ -318,7 +367,25 @@ class Node:
                 self._jobs_ready.wait(1.0)
                 self._jobs_ready.clear()
                 continue
-            self.process_job(job)
+            with self._heartbeat(job.id):
+                self.process_job(job)
+
+    @contextlib.contextmanager
+    def _heartbeat(self, job_id: int) -> Iterator[None]:
+        """Keep a running job's heartbeat fresh, however long the model takes."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(HEARTBEAT_S):
+                self.db.heartbeat(job_id)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def process_job(self, job: JobRow) -> None:
         """Run one claimed job to done, queued (retry) or failed; never raises."""
@@ -352,6 +419,9 @@ class Node:
         self.db.finish_job(job.id, files, summary, outcome.destinations, priority=outcome.priority,
                            forwards=outcome.forwards, notifications=outcome.notifications,
                            webhook=state.config.notify.webhook_configured)
+        self.db.audit("node", "result", series.series_uid, job_id=job.id, model=summary["model"],
+                      version=summary["version"], provider=summary["provider"], files=files,
+                      result_uids=summary.get("result_uids", []))
         log.info("%s done in %.2f s: %s", where, sum(summary["timings"].values()),
                  ", ".join(f"{k} {v:.2f}s" for k, v in summary["timings"].items()),
                  extra={"job_id": job.id, "timings": summary["timings"]})
@@ -376,11 +446,9 @@ class Node:
         t = time.perf_counter()
         volume = load_series([Path(p) for p in self.db.series_paths(job.series_id)])
         timings["decode"] = time.perf_counter() - t
-        self.db.heartbeat(job.id)
 
         prediction = runtime.run(volume)
         timings.update(prediction.timings)
-        self.db.heartbeat(job.id)
 
         t = time.perf_counter()
         job_key = f"{series_uid}|{manifest.name}|{manifest.version}"
@@ -400,6 +468,7 @@ class Node:
                                    series_instance_uid=str(ds.SeriesInstanceUID), modality=str(ds.Modality))
                               for ds in outputs.values()]
         files = self._write_results(job.id, outputs)
+        summary["result_uids"] = [str(ds.SOPInstanceUID) for ds in outputs.values()]
         timings["encode"] = time.perf_counter() - t
         summary["timings"] = {k: round(v, 4) for k, v in timings.items()}
         return summary, files
@@ -439,7 +508,7 @@ class Node:
             return
         files = (self.db.job_results(delivery.job_id) if delivery.job_id is not None
                  else self.db.series_paths(delivery.series_id))
-        peer = Peer(dest.ae_title, dest.host, dest.port)
+        peer = Peer(dest.ae_title, dest.host, dest.port, self._client_tls if dest.tls else None)
         t = time.perf_counter()
         try:
             report = send_files([Path(f) for f in files], peer, self.config.node.ae_title, cfg.timeout_s)
@@ -451,6 +520,8 @@ class Node:
             error = f"{type(exc).__name__}: {exc}"
         if not error:
             self.db.finish_delivery(delivery.id)
+            self.db.audit("node", "delivered", f"delivery {delivery.id}", kind=delivery.kind,
+                          job_id=delivery.job_id, destination=str(peer), files=len(files))
             log.info("%s: %d files sent in %.2f s", where, len(files), time.perf_counter() - t,
                      extra={"delivery_id": delivery.id})
             return
@@ -461,6 +532,7 @@ class Node:
         else:
             delay = backoff(delivery.attempts, cfg.backoff_s, cfg.backoff_max_s)
             self.db.defer_delivery(delivery.id, error, time.time() + delay)
+            self.db.hold_destination(delivery.destination, time.time() + delay)
             log.warning("%s attempt %d failed: %s; next try in %.0f s", where, delivery.attempts, error, delay)
 
     # -------------------------------------------------------------- notify

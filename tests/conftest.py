@@ -414,3 +414,12 @@ def orthanc_factory(tmp_path_factory: pytest.TempPathFactory,
         server.process.terminate()
     for server in servers:
         server.stop()
+
+
+# --- the node's reference model ---------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder with ct-tissue built by its own script (the repository stays clean)."""
+    from nodeproc import build_models
+    return build_models(tmp_path_factory.mktemp("models"))

@@ -88,7 +88,8 @@ def test_restart_gives_back_running_work(db):
     assembled_series(db, jobs=[JobSpec("m", ("r",), ("pacs",), 2)])
     job = db.claim_job()
     assert db.claim_job() is None
-    assert db.requeue_stalled(heartbeat_before=time.time() + 1) == 1
+    assert db.requeue_stalled(heartbeat_before=time.time() - 60) == 0   # heartbeat is fresh
+    assert db.requeue_stalled() == 1
     again = db.claim_job()
     assert again.id == job.id and again.attempts == 2
 
@@ -129,3 +130,19 @@ def test_reassembly_after_late_instance_requeues_the_job(db):
     row = db.quiet_series(201.0)[0]
     assert db.assemble(row.id, row.last_received_at, [JobSpec("m", ("r",), (), 2)], [], {})
     assert db.claim_job().id == job.id            # same job row, queued again
+
+
+def test_a_failing_destination_holds_its_other_deliveries(db):
+    for i in range(5):
+        assembled_series(db, f"1.{i + 1}", [JobSpec("m", ("r",), ("dead",), 2)])
+        job = db.claim_job()
+        db.finish_job(job.id, [], {}, ["dead", "alive"] if i == 4 else ["dead"])
+    first = db.claim_delivery()
+    assert first.destination == "dead"
+    later = time.time() + 3600
+    db.defer_delivery(first.id, "refused", later)
+    assert db.hold_destination("dead", later) == 4
+    due = db.claim_delivery()
+    assert due.destination == "alive"                 # other destinations are not held up
+    assert db.claim_delivery() is None               # the dead one is not tried again meanwhile
+    assert {d["attempts"] for d in db.deliveries_report() if d["destination"] == "dead"} == {0, 1}

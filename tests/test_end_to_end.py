@@ -18,16 +18,11 @@ from pynetdicom import AE
 
 from conftest import free_port
 from node.phantom import make_ct_series
-from nodeproc import REPO, NodeProcess, build_models, write_config
+from nodeproc import REPO, NodeProcess, write_config
 
 VALIDATOR = REPO / "tests" / "tools" / "validate_dicom.sh"   # copy of the CI gate
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
-
-
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory):
-    return build_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture
@@ -122,6 +117,10 @@ def test_study_in_results_out(dcmtk, orthanc, make_node, tmp_path):
 
     jobs = node.cli("jobs")
     assert jobs.returncode == 0 and "done" in jobs.stdout and "Lungs" in jobs.stdout
+    audit = node.cli("audit").stdout              # who sent what; which model made which result
+    assert f"CTSCANNER@127.0.0.1      received   {phantom.series_uid}" in audit
+    assert "instances=32" in audit and "model=ct-tissue version=1.0.0" in audit
+    assert str(seg.SOPInstanceUID) in audit and "delivered" in audit
     assert "no usable GPU" in node.log_text()       # said once, in one line, then the CPU runs it
     assert node.log_text().count("no usable GPU") == 1
 
@@ -276,6 +275,7 @@ def test_failed_delivery_is_visible_and_retry_sends_it(dcmtk, make_node, tmp_pat
         job_id = jobs.split()[0].lstrip("#")
         retried = node.cli("retry", job_id)
         assert retried.returncode == 0 and "1 deliveries queued again" in retried.stdout
+        assert f"retry      job {job_id}" in node.cli("audit", "--action", "retry").stdout
         deadline = time.time() + 30
         while len(pacs.received) < 2 and time.time() < deadline:
             time.sleep(0.1)
@@ -316,3 +316,37 @@ def test_association_limit_is_a_clear_refusal(make_node):
         assert "node.max_associations (1) reached" in node.log_text()
     finally:
         first.release()
+
+
+def test_two_ingest_processes_share_the_port(dcmtk, make_node, tmp_path):
+    import concurrent.futures
+    node = make_node(processes=2).start()
+    series = [make_ct_series(tmp_path / f"ct{k}", slices=10, size=32, seed=k) for k in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        done = list(pool.map(lambda s: storescu(dcmtk, node, s.files), series))
+    assert all(d.returncode == 0 for d in done)
+    db = sqlite3.connect(node.data_dir / "node.db")
+    assert db.execute("select count(*) from instances").fetchone()[0] == 40
+    assert db.execute("select count(*) from series").fetchone()[0] == 4
+    assert "2 ingest processes share port" in node.log_text()
+    assert node.stop() == 0
+
+
+def test_retention_removes_files_after_delivery_and_keeps_records(dcmtk, orthanc, make_node, tmp_path):
+    node = make_node(orthanc)
+    node.config.write_text(node.config.read_text() + "[retention]\ndelete_after_h = 0.0005\ncheck_interval_s = 0.5\n")
+    node.start()
+    phantom = make_ct_series(tmp_path / "ct", slices=6, size=64)
+    storescu(dcmtk, node, phantom.files)
+    orthanc.wait_for(lambda: len(result_instances(orthanc, phantom.study_uid)) == 2, timeout=60,
+                     message="results delivered")
+    db = sqlite3.connect(node.data_dir / "node.db")
+    deadline = time.time() + 30
+    while db.execute("select status from series").fetchone()[0] != "purged" and time.time() < deadline:
+        time.sleep(0.2)
+    assert db.execute("select status from series").fetchone()[0] == "purged"
+    assert not list((node.data_dir / "images").rglob("*.dcm"))
+    assert not list((node.data_dir / "results").rglob("*.dcm"))
+    assert db.execute("select count(*) from instances").fetchone()[0] == 6      # the record stays
+    assert "Lungs" in node.cli("jobs").stdout
+    assert "purged" in node.cli("audit", "--action", "purged").stdout
