@@ -19,7 +19,6 @@ each stage reads it once per item.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import multiprocessing
@@ -40,9 +39,9 @@ from .encode import encode_classification, encode_segmentation
 from .errors import ConfigError, NodeError, PermanentError, RetryableError
 from .infer import ModelRuntime
 from .ingest import Ingest, serve_ingest_only
-from .manifest import ModelManifest, discover, load_manifest
 from .notify import post_json, webhook_url
 from .rules import Facts
+from .state import NodeState, effective_config, load_models
 from .store import FileStore
 from .tls import client_context
 from .triage import Outcome, triage
@@ -56,81 +55,6 @@ SWEEP_INTERVAL_S = 30.0
 HEARTBEAT_S = 30.0
 IDLE_WAIT_S = 1.0
 MIN_RETRY_WAIT_S = 0.05
-
-
-@dataclasses.dataclass(frozen=True)
-class NodeState:
-    """What a reload replaces at once: the configuration and the models it names.
-
-    ``stamps`` remembers each model's manifest and ONNX file time, so a reload reuses a
-    loaded session unless its package changed.
-    """
-
-    config: Config
-    models: Mapping[str, ModelRuntime]
-    stamps: Mapping[str, tuple[ModelManifest, int]] = dataclasses.field(default_factory=dict)
-
-
-def load_models(config: Config, previous: NodeState | None = None
-                ) -> tuple[dict[str, ModelRuntime], dict[str, tuple[ModelManifest, int]]]:
-    """Load every model that a route names, once, and keep it warm (reusing unchanged ones).
-
-    Raises:
-        ConfigError: a route names a missing model, a package is invalid, or an
-            ``on_result`` names a finding or segment its models do not have.
-    """
-    packages = discover(config.inference.models_dir)
-    runtimes: dict[str, ModelRuntime] = {}
-    stamps: dict[str, tuple[ModelManifest, int]] = {}
-    for k, route in enumerate(config.routes):
-        for name in route.models:
-            if name in runtimes:
-                continue
-            if name not in packages:
-                raise ConfigError(f"routes[{k}].models: model {name!r} (route {route.name}) not found in "
-                                  f"{config.inference.models_dir} (have: {', '.join(packages) or 'none'})")
-            manifest = load_manifest(packages[name])
-            stamp = (manifest, _mtime(manifest.onnx_path))
-            if previous is not None and previous.stamps.get(name) == stamp:
-                runtimes[name] = previous.models[name]
-            else:
-                runtimes[name] = ModelRuntime(manifest, config.inference.providers)
-            stamps[name] = stamp
-        _check_on_result(k, route.on_result, [runtimes[m].manifest for m in route.models])
-    return runtimes, stamps
-
-
-def _check_on_result(k: int, actions: Any, manifests: list[ModelManifest]) -> None:
-    for i, action in enumerate(actions):
-        scope = [m for m in manifests if not action.model or m.name == action.model]
-        if action.finding:
-            known = [f.name for m in scope for f in m.findings]
-            key, name = "finding", action.finding
-        else:
-            known = [s.name for m in scope for s in m.segments]
-            key, name = "segment", action.segment
-        if name not in known:
-            raise ConfigError(f"routes[{k}].on_result[{i}].{key}: no model of the route has a {key} "
-                              f"{name!r} (have: {', '.join(known) or 'none'})")
-
-
-def _mtime(path: Path) -> int:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return 0
-
-
-#: Settings the running listener and file store were built with; a reload cannot change them.
-RESTART_KEYS = ("node.ae_title", "node.host", "node.port", "node.data_dir", "node.database_url",
-                "node.max_associations", "ingest.allowed_calling_aets", "ingest.allowed_addresses",
-                "ingest.max_pdu_size", "ingest.fsync", "ingest.processes", "tls.enabled", "tls.cert_file",
-                "tls.key_file", "tls.ca_file", "tls.require_client_cert")
-
-
-def _setting(config: Config, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(config, section), name, None)
 
 
 class Node:
@@ -166,7 +90,7 @@ class Node:
     def reload(self, new: Config) -> list[str]:
         """Swap in a new configuration (and its models) without stopping anything.
 
-        Settings the listener was built with (:data:`RESTART_KEYS`) keep their running
+        Settings the listener was built with (:data:`node.state.RESTART_KEYS`) keep their running
         values; the returned lines name those that changed and need a restart.
 
         Raises:
@@ -175,11 +99,7 @@ class Node:
         """
         with self._reload_lock:
             old = self._state
-            restart = [f"{key} ({_setting(old.config, key)!r} -> {_setting(new, key)!r}) needs a restart"
-                       for key in RESTART_KEYS if _setting(old.config, key) != _setting(new, key)]
-            keep = {k.split(".")[1]: _setting(old.config, k) for k in RESTART_KEYS if k.startswith("ingest.")}
-            effective = dataclasses.replace(new, node=old.config.node, tls=old.config.tls,
-                                            ingest=dataclasses.replace(new.ingest, **keep))
+            effective, restart = effective_config(old.config, new)
             models, stamps = load_models(effective, old)
             if self._client_tls is None and any(d.tls for d in effective.destinations):
                 self._client_tls = client_context(effective.tls)

@@ -1,0 +1,102 @@
+"""What a running node holds and a reload replaces: the configuration and the loaded models.
+
+:func:`load_models` loads every model the routes name (reusing the warm sessions of unchanged
+packages on a reload) and checks the ``on_result`` actions against the models' findings and
+segments; :func:`effective_config` keeps the settings a running listener cannot change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping
+
+from .config import Config
+from .errors import ConfigError
+from .infer import ModelRuntime
+from .manifest import ModelManifest, discover, load_manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeState:
+    """What a reload replaces at once: the configuration and the models it names.
+
+    ``stamps`` remembers each model's manifest and ONNX file time, so a reload reuses a
+    loaded session unless its package changed.
+    """
+
+    config: Config
+    models: Mapping[str, ModelRuntime]
+    stamps: Mapping[str, tuple[ModelManifest, int]] = dataclasses.field(default_factory=dict)
+
+
+def load_models(config: Config, previous: NodeState | None = None
+                ) -> tuple[dict[str, ModelRuntime], dict[str, tuple[ModelManifest, int]]]:
+    """Load every model that a route names, once, and keep it warm (reusing unchanged ones).
+
+    Raises:
+        ConfigError: a route names a missing model, a package is invalid, or an
+            ``on_result`` names a finding or segment its models do not have.
+    """
+    packages = discover(config.inference.models_dir)
+    runtimes: dict[str, ModelRuntime] = {}
+    stamps: dict[str, tuple[ModelManifest, int]] = {}
+    for k, route in enumerate(config.routes):
+        for name in route.models:
+            if name in runtimes:
+                continue
+            if name not in packages:
+                raise ConfigError(f"routes[{k}].models: model {name!r} (route {route.name}) not found in "
+                                  f"{config.inference.models_dir} (have: {', '.join(packages) or 'none'})")
+            manifest = load_manifest(packages[name])
+            stamp = (manifest, _mtime(manifest.onnx_path))
+            if previous is not None and previous.stamps.get(name) == stamp:
+                runtimes[name] = previous.models[name]
+            else:
+                runtimes[name] = ModelRuntime(manifest, config.inference.providers)
+            stamps[name] = stamp
+        _check_on_result(k, route.on_result, [runtimes[m].manifest for m in route.models])
+    return runtimes, stamps
+
+
+def _check_on_result(k: int, actions: Any, manifests: list[ModelManifest]) -> None:
+    for i, action in enumerate(actions):
+        scope = [m for m in manifests if not action.model or m.name == action.model]
+        if action.finding:
+            known = [f.name for m in scope for f in m.findings]
+            key, name = "finding", action.finding
+        else:
+            known = [s.name for m in scope for s in m.segments]
+            key, name = "segment", action.segment
+        if name not in known:
+            raise ConfigError(f"routes[{k}].on_result[{i}].{key}: no model of the route has a {key} "
+                              f"{name!r} (have: {', '.join(known) or 'none'})")
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+#: Settings the running listener and file store were built with; a reload cannot change them.
+RESTART_KEYS = ("node.ae_title", "node.host", "node.port", "node.data_dir", "node.database_url",
+                "node.max_associations", "ingest.allowed_calling_aets", "ingest.allowed_addresses",
+                "ingest.max_pdu_size", "ingest.fsync", "ingest.processes", "tls.enabled", "tls.cert_file",
+                "tls.key_file", "tls.ca_file", "tls.require_client_cert")
+
+
+def _setting(config: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name, None)
+
+
+def effective_config(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """``new`` with the :data:`RESTART_KEYS` settings of ``old``; and a line per such setting
+    that differs (it needs a restart)."""
+    restart = [f"{key} ({_setting(old, key)!r} -> {_setting(new, key)!r}) needs a restart"
+               for key in RESTART_KEYS if _setting(old, key) != _setting(new, key)]
+    keep = {k.split(".")[1]: _setting(old, k) for k in RESTART_KEYS if k.startswith("ingest.")}
+    effective = dataclasses.replace(new, node=old.node, tls=old.tls, ingest=dataclasses.replace(new.ingest, **keep))
+    return effective, restart
