@@ -174,9 +174,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(counts, indent=2))
         return 0
     print(f"database: {db.url}")
-    for name in ("instances", "series", "jobs", "deliveries"):
+    for name in ("instances", "series", "jobs", "deliveries", "notifications"):
         parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.get(name, {}).items())) or "none"
-        print(f"{name:11s} {parts}")
+        print(f"{name:13s} {parts}")
     return 0
 
 

@@ -125,7 +125,7 @@ class OnResult:
     probability: Bounds | None = None     # optional extra condition on a finding's probability
     model: str = ""                       # empty: any model of the route
     send_to: tuple[str, ...] = ()         # the results also go there
-    forward_to: tuple[str, ...] = ()      # the original series also goes there
+    forward_to: tuple[str, ...] = ()      # the original study (each of its series) also goes there
     priority: str = ""                    # raise the job (deliveries, worklist) to this; empty: keep
     notify: bool = False
 

@@ -261,7 +261,8 @@ class Database:
 
         Results go to ``destinations`` and to the job's own (which a study-level route may have
         added while it ran); ``priority`` raises the job's (never lowers it) and orders its
-        deliveries; ``forwards`` send the original series to more destinations. Notifications
+        deliveries; ``forwards`` send the original study (each of its series) to more
+        destinations. Notifications
         are pending for the webhook, or only ``logged`` when there is none; a job re-run after
         a late instance does not notify the same subject twice.
         """
@@ -277,8 +278,13 @@ class Database:
                 conn.execute(self._insert(Delivery).values(
                     kind="result", job_id=job_id, series_id=row.series_id, destination=dest, priority=rank,
                     status=DeliveryStatus.PENDING.value, next_attempt_at=now, created_at=now))
-            for dest in dict.fromkeys(forwards):
-                self._forward_once(conn, row.series_id, dest, rank, now)
+            if forwards:
+                study_series = conn.execute(select(Series.id).where(
+                    Series.study_id == select(Series.study_id).where(Series.id == row.series_id).scalar_subquery(),
+                    Series.status != SeriesStatus.PURGED.value).order_by(Series.id)).scalars().all()
+                for dest in dict.fromkeys(forwards):
+                    for series_id in study_series:
+                        self._forward_once(conn, series_id, dest, rank, now)
             status = NotificationStatus.PENDING if webhook else NotificationStatus.LOGGED
             study_uid = conn.execute(select(Study.study_uid).join(Series, Series.study_id == Study.id)
                                      .where(Series.id == row.series_id)).scalar_one()

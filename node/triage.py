@@ -7,7 +7,7 @@ made it; :mod:`node.worker` records the outcome atomically with the job's result
   manifest) and, with ``notify.on_positive`` (the default), is notified.
 * Each ``on_result`` action of the job's routes whose condition holds (a positive finding,
   optionally with a probability range; or a segment volume in a range) adds its ``send_to``
-  (results) and ``forward_to`` (original series) destinations, raises the priority to its
+  (results) and ``forward_to`` (the original study) destinations, raises the priority to its
   ``priority`` and, with ``notify = true``, is notified.
 
 A raised priority orders the job's deliveries and places its study on the worklist.

@@ -39,13 +39,16 @@ def test_deliveries_are_claimed_most_urgent_first(db):
 
 def test_finish_raises_priority_adds_destinations_forwards_and_notifications(db):
     assembled(db, "1.2.3", jobs=[JobSpec("m", ("r",), ("pacs",), 2)])
+    assembled(db, "1.2.4")                                        # another series of the study
     job = db.claim_job()
     note = NotificationSpec("Pneumonia", 0, {"finding": "Pneumonia"})
     db.finish_job(job.id, ["/r/sr.dcm"], {"findings": []}, ["er"], priority=0, forwards=["er", "er"],
                   notifications=[note], webhook=True)
-    deliveries = sorted((d.kind, d.destination, d.priority) for d in
+    deliveries = sorted((d.kind, d.destination, d.priority, d.series_id) for d in
                         iter(lambda: db.claim_delivery(), None))
-    assert deliveries == [("forward", "er", 0), ("result", "er", 0), ("result", "pacs", 0)]
+    # the results go to the extra destination, and the whole original study (both series) too
+    assert deliveries == [("forward", "er", 0, 1), ("forward", "er", 0, 2), ("result", "er", 0, 1),
+                          ("result", "pacs", 0, 1)]
     assert db.jobs_report()[0]["priority"] == 0
     claimed = db.claim_notification()
     assert claimed.subject == "Pneumonia" and claimed.attempts == 1
