@@ -29,7 +29,7 @@ from .config import Config
 from .db import Database, DeliveryRow, JobRow
 from .deliver import Peer, backoff, send_files
 from .encode import encode_classification, encode_segmentation
-from .errors import ConfigError, NodeError, PermanentError, RetryableError
+from .errors import ConfigError, NodeError, PermanentError
 from .infer import ModelRuntime
 from .ingest import Ingest, serve_ingest_only
 from .manifest import discover, load_manifest
@@ -226,9 +226,9 @@ class Node:
             summary, files = self._run_job(job, series.series_uid)
         except PermanentError as exc:
             log.error("%s failed: %s", where, exc, extra={"job_id": job.id})
-            self.db.fail_job(job.id, str(exc))
+            self.db.fail_job(job.id, f"{type(exc).__name__}: {exc}")
             return
-        except (RetryableError, Exception) as exc:  # noqa: BLE001 - unknown errors get a bounded retry
+        except Exception as exc:  # noqa: BLE001 - retryable and unknown errors get a bounded retry
             again = job.attempts < MAX_JOB_ATTEMPTS
             if isinstance(exc, NodeError):
                 log.error("%s: %s (attempt %d%s)", where, exc, job.attempts, ", will retry" if again else "")
