@@ -85,7 +85,9 @@ class Node:
     # ----------------------------------------------------------- lifecycle
     def start(self) -> None:
         removed = self.store.clean_tmp()
-        given_back = self.db.requeue_stalled()
+        # Alone on SQLite, whatever is in flight was ours; on a shared database only work
+        # whose heartbeat stopped is given back (another node may be running the rest).
+        given_back = self.db.requeue_stalled(time.time() - STALL_TIMEOUT_S if self.db.shared else None)
         if removed or given_back:
             log.info("recovered after restart: %d partial files removed, %d jobs/deliveries given back",
                      removed, given_back)
