@@ -69,6 +69,15 @@ class Database:
         """Create missing tables (idempotent)."""
         Base.metadata.create_all(self.engine)
 
+    @property
+    def shared(self) -> bool:
+        """True for a server database that several nodes may share (not SQLite)."""
+        return self.engine.dialect.name != "sqlite"
+
+    def drop_all(self) -> None:
+        """Remove every table (tests only)."""
+        Base.metadata.drop_all(self.engine)
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -235,7 +244,8 @@ class Database:
         """Take the most urgent, then oldest, queued job by setting it running."""
         now = time.time() if now is None else now
         pick = (select(Job.id).where(Job.status == JobStatus.QUEUED.value)
-                .order_by(Job.priority, Job.created_at, Job.id).limit(1).scalar_subquery())
+                .order_by(Job.priority, Job.created_at, Job.id).limit(1)
+                .with_for_update(skip_locked=True).scalar_subquery())   # PostgreSQL; SQLite ignores it
         stmt = (update(Job).where(Job.id == pick, Job.status == JobStatus.QUEUED.value)
                 .values(status=JobStatus.RUNNING.value, claimed_at=now, heartbeat_at=now,
                         attempts=Job.attempts + 1)
@@ -343,7 +353,8 @@ class Database:
         now = time.time() if now is None else now
         pick = (select(Delivery.id).where(Delivery.status == DeliveryStatus.PENDING.value,
                                           Delivery.next_attempt_at <= now)
-                .order_by(Delivery.priority, Delivery.next_attempt_at, Delivery.id).limit(1).scalar_subquery())
+                .order_by(Delivery.priority, Delivery.next_attempt_at, Delivery.id).limit(1)
+                .with_for_update(skip_locked=True).scalar_subquery())
         stmt = (update(Delivery).where(Delivery.id == pick, Delivery.status == DeliveryStatus.PENDING.value)
                 .values(status=DeliveryStatus.SENDING.value, attempts=Delivery.attempts + 1,
                         next_attempt_at=now + lease_s)
@@ -393,7 +404,7 @@ class Database:
         pick = (select(Notification.id).where(Notification.status == NotificationStatus.PENDING.value,
                                               Notification.next_attempt_at <= now)
                 .order_by(Notification.priority, Notification.next_attempt_at, Notification.id)
-                .limit(1).scalar_subquery())
+                .limit(1).with_for_update(skip_locked=True).scalar_subquery())
         stmt = (update(Notification).where(Notification.id == pick,
                                            Notification.status == NotificationStatus.PENDING.value)
                 .values(status=NotificationStatus.SENDING.value, attempts=Notification.attempts + 1,

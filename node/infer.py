@@ -52,7 +52,9 @@ class ModelRuntime:
     def __init__(self, manifest: ModelManifest, providers: Sequence[str]) -> None:
         self.manifest = manifest
         if not manifest.onnx_path.is_file():
-            raise ConfigError(f"model {manifest.name}: {manifest.onnx_path} is missing")
+            hint = manifest.directory / "build.py"
+            raise ConfigError(f"model {manifest.name}: {manifest.onnx_path} is missing"
+                              + (f" (build it: python {hint})" if hint.is_file() else ""))
         chosen = choose_providers(providers)
         options = ort.SessionOptions()
         options.log_severity_level = 3   # errors only: a missing GPU is reported by us, once

@@ -36,7 +36,7 @@ from .config import PRIORITY_NAMES, Config
 from .db import Database, DeliveryRow, JobRow, NotificationRow, SeriesRow, SeriesStatus
 from .deliver import Peer, backoff, send_files
 from .encode import encode_classification, encode_segmentation
-from .errors import ConfigError, NodeError, PermanentError, RetryableError
+from .errors import ConfigError, NodeError, PermanentError
 from .infer import ModelRuntime
 from .ingest import Ingest, serve_ingest_only
 from .notify import post_json, webhook_url
@@ -125,7 +125,9 @@ class Node:
     # ----------------------------------------------------------- lifecycle
     def start(self) -> None:
         removed = self.store.clean_tmp()
-        given_back = self.db.requeue_stalled()
+        # Alone on SQLite, whatever is in flight was ours; on a shared database only work
+        # whose heartbeat stopped is given back (another node may be running the rest).
+        given_back = self.db.requeue_stalled(time.time() - STALL_TIMEOUT_S if self.db.shared else None)
         if removed or given_back:
             log.info("recovered after restart: %d partial files removed, %d jobs/deliveries given back",
                      removed, given_back)
@@ -316,9 +318,9 @@ class Node:
             summary, files = self._run_job(state, job, series.series_uid)
         except PermanentError as exc:
             log.error("%s failed: %s", where, exc, extra={"job_id": job.id})
-            self.db.fail_job(job.id, str(exc))
+            self.db.fail_job(job.id, f"{type(exc).__name__}: {exc}")
             return
-        except (RetryableError, Exception) as exc:  # noqa: BLE001 - unknown errors get a bounded retry
+        except Exception as exc:  # noqa: BLE001 - retryable and unknown errors get a bounded retry
             again = job.attempts < MAX_JOB_ATTEMPTS
             if isinstance(exc, NodeError):
                 log.error("%s: %s (attempt %d%s)", where, exc, job.attempts, ", will retry" if again else "")

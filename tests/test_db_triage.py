@@ -1,5 +1,6 @@
-"""The queue's contract for routing and triage, on a real SQLite file: delivery priorities,
-study-level job merging, raised priorities, notifications and the worklist."""
+"""The queue's contract for routing and triage, on each backend (a SQLite file, a PostgreSQL
+server): delivery priorities, study-level job merging, raised priorities, notifications and
+the worklist."""
 
 import time
 
@@ -8,9 +9,13 @@ import pytest
 from node.db import Database, InstanceRecord, JobSpec, NotificationSpec
 
 
-@pytest.fixture
-def db(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 'node.db'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path):
+    if request.param == "sqlite":
+        database = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    else:
+        database = Database(request.getfixturevalue("postgres_url"))
+        database.drop_all()
     database.create()
     yield database
     database.close()
