@@ -236,7 +236,15 @@ def cmd_worklist(args: argparse.Namespace) -> int:
 def cmd_notifications(args: argparse.Namespace) -> int:
     from .config import PRIORITY_NAMES
 
-    rows = _db(args).notifications_report(args.limit)
+    db = _db(args)
+    if args.retry is not None:
+        done = db.retry_notification(args.retry)
+        message = (f"notification {args.retry} queued again" if done
+                   else f"notification {args.retry} is not a failed notification")
+        logging.getLogger("node.cli").info("operator retry: %s", message)
+        print(message)
+        return 0 if done else 1
+    rows = db.notifications_report(args.limit)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -399,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     n = with_config(sub.add_parser("notifications", help="notifications of positive findings and their state"))
     n.add_argument("--limit", type=int, default=50)
     n.add_argument("--json", action="store_true")
+    n.add_argument("--retry", type=int, metavar="ID", help="post a failed notification again")
     n.set_defaults(func=cmd_notifications)
     rt = sub.add_parser("routes", help="check routing rules against files")
     rtsub = rt.add_subparsers(dest="action", required=True)

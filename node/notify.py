@@ -9,6 +9,7 @@ attempt are the worker's and the database's business; this module sends one requ
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import urllib.error
@@ -78,6 +79,6 @@ def post_json(url: str, payload: dict[str, Any], timeout_s: float) -> int:
         raise WebhookError(f"HTTP {exc.code} {exc.reason}" + (f": {detail}" if detail else "")) from None
     except urllib.error.URLError as exc:
         raise WebhookError(f"webhook not reachable: {exc.reason}") from None
-    except (TimeoutError, OSError) as exc:
-        raise WebhookError(f"webhook not reachable: {type(exc).__name__}: {exc}") from None
+    except (TimeoutError, OSError, http.client.HTTPException) as exc:
+        raise WebhookError(f"webhook not reachable or broke the answer: {type(exc).__name__}: {exc}") from None
 

@@ -225,13 +225,20 @@ def test_positive_finding_notifies_raises_priority_and_routes_on_result(
         wait_until(lambda: len(hook.requests) == 5, 30, "second notification delivered", node)
         # results to the PACS and, because of the on_result rule, to the ER viewer with the images
         wait_until(lambda: len(er.received) == 2 * (1 + 6), 30, "ER viewer got results and images", node)
+        # the operator sends the failed one again, now that the receiver works
+        shown = node.cli("notifications").stdout
+        failed_id = next(line.split()[0].lstrip("#") for line in shown.splitlines() if " failed " in line)
+        retried = node.cli("notifications", "--retry", failed_id)
+        assert retried.returncode == 0 and "queued again" in retried.stdout, retried.stdout + retried.stderr
+        wait_until(lambda: len(hook.requests) == 6, 30, "failed notification posted again", node)
+        assert hook.requests[-1]["body"]["accession_number"] == "ACC-A"
     finally:
         hook.stop()
         pacs.stop()
         er.stop()
 
-    body = hook.requests[-1]["body"]
-    assert hook.requests[-1]["type"].startswith("application/json")
+    body = hook.requests[4]["body"]
+    assert hook.requests[4]["type"].startswith("application/json")
     assert body["event"] == "positive_finding" and body["finding"] == "Pneumonia"
     assert body["study_instance_uid"] == second.study_uid and body["accession_number"] == "ACC-B"
     assert body["probability"] == pytest.approx(0.9, abs=0.01) and body["priority"] == "stat"
@@ -241,7 +248,8 @@ def test_positive_finding_notifies_raises_priority_and_routes_on_result(
     assert {ds.AccessionNumber for _, ds in pacs.received} == {"ACC-A", "ACC-B"}
 
     shown = node.cli("notifications").stdout
-    assert "sent     after 2 attempt(s)" in shown, shown
+    assert "sent     after 2 attempt(s)" in shown and "sent     after 1 attempt(s)" in shown, shown
+
     worklist = node.cli("worklist").stdout
     lines = [line for line in worklist.splitlines() if not line.startswith(" ")]
     assert lines[0].startswith("STAT") and "acc=ACC-A" in lines[0], worklist   # raised, oldest first
