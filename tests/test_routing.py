@@ -21,16 +21,19 @@ from conftest import free_port
 from node.demo import DemoPacs
 from node.phantom import make_ct_series
 from nodeproc import NodeProcess, build_models, write_config
+from slowmodel import build_slow_model
 from tinymodels import FindingSpec, build_classifier
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 WEBHOOK_ENV = "AINODE_TEST_WEBHOOK_URL"
+SLOW_ITERATIONS = 5000      # ~0.25 s per job on the 2-core development machine
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     folder = build_models(tmp_path_factory.mktemp("routing-models"))
+    build_slow_model(folder / "slow-body", iterations=SLOW_ITERATIONS, seconds_hint=0.25)
     build_classifier(folder, "chest-xc", [
         FindingSpec("Pneumonia", probability=0.9, priority="urgent"),
         FindingSpec("Fracture", probability=0.1, priority="stat", code=("72704001", "Fracture"))])
@@ -133,13 +136,13 @@ def test_a_stat_study_overtakes_queued_routine_ones(dcmtk, node_factory, tmp_pat
     try:
         node = node_factory(
             [dest("pacs", "PACS", pacs.port)],
-            [{"name": "routine", "match": {"Modality": "CT"}, "models": ["ct-tissue"], "send_to": ["pacs"]},
+            [{"name": "routine", "match": {"Modality": "CT"}, "models": ["slow-body"], "send_to": ["pacs"]},
              {"name": "stroke", "any": [{"CallingAETitle": "ER*"},
                                         {"SeriesDescription": {"regex": "(?i)stroke|trauma"}}],
-              "models": ["ct-tissue"], "send_to": ["pacs"], "priority": "stat"}]).start()
-        routine = [make_ct_series(tmp_path / f"r{k}", slices=24, size=128, seed=k, patient_id=f"R{k}",
+              "models": ["slow-body"], "send_to": ["pacs"], "priority": "stat"}]).start()
+        routine = [make_ct_series(tmp_path / f"r{k}", slices=8, size=64, seed=k, patient_id=f"R{k}",
                                   accession=f"ROUT{k}") for k in range(5)]
-        stat = make_ct_series(tmp_path / "stat", slices=24, size=128, seed=9, patient_id="ER1",
+        stat = make_ct_series(tmp_path / "stat", slices=8, size=64, seed=9, patient_id="ER1",
                               accession="STAT1", series_description="CT head STROKE protocol")
         # One burst from the scanner: five routine studies, then the stat one.
         storescu(dcmtk, node, [f for p in routine for f in p.files] + list(stat.files))
