@@ -34,10 +34,8 @@ class GraphIO:
     output_type: str
 
     def describe(self) -> str:
-        def dims(shape: Shape) -> str:
-            return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
-        return (f"input {self.input_name!r} {self.input_type} {dims(self.input_shape)}, "
-                f"output {self.output_name!r} {self.output_type} {dims(self.output_shape)}")
+        return (f"input {self.input_name!r} {self.input_type} {_brackets(self.input_shape)}, "
+                f"output {self.output_name!r} {self.output_type} {_brackets(self.output_shape)}")
 
 
 def channel_axis(layout: str) -> int:
@@ -97,10 +95,13 @@ def _check_input(m: ModelManifest, io: GraphIO) -> None:
     if channels not in (None, 1):
         raise ConfigError(f"{where} takes {channels} channels in layout {spec.layout} "
                           "(is input.layout right?); the node feeds one channel")
+    fixed = tuple(io.input_shape[a] for a in spatial_axes(spec.layout))
+    if 1 in fixed:
+        raise ConfigError(f"{where} {_brackets(io.input_shape)} has a spatial dimension fixed "
+                          f"at 1 in layout {spec.layout} (is input.layout right?)")
     batch = io.input_shape[0]
     if batch is not None and batch != spec.batch_size:
         raise ConfigError(f"{where} has a fixed batch of {batch}; set input.batch_size = {batch}")
-    fixed = tuple(io.input_shape[a] for a in spatial_axes(spec.layout))
     if spec.kind == "volume":
         wanted, key = (spec.patch_size or spec.size), ("patch_size" if spec.patch_size else "size")
     else:
@@ -120,7 +121,7 @@ def check_output(m: ModelManifest, shape: Shape, name: str) -> None:
     Raises:
         ConfigError: wrong rank, or fewer channels / scores than segments / findings need.
     """
-    where = f"model {m.name}: output {name!r} {_dims(shape)}"
+    where = f"model {m.name}: output {name!r} {_brackets(shape)}"
     spatial = m.input.spatial_rank
     if m.task == "classification":
         if len(shape) < 2:
@@ -153,11 +154,15 @@ def warmup_shape(m: ModelManifest, io: GraphIO) -> tuple[int, ...]:
     """A concrete input shape the model will accept, for the warm-up and the check run."""
     spec = m.input
     fixed = [io.input_shape[a] for a in spatial_axes(spec.layout)]
-    wanted = spec.patch_size or spec.size if spec.kind == "volume" else spec.size
+    wanted = (spec.patch_size or spec.size) if spec.kind == "volume" else spec.size
     default = DEFAULT_WARMUP_PATCH if spec.kind == "volume" else DEFAULT_WARMUP_SIZE
     dims = [int(f or (wanted[k] if wanted else default)) for k, f in enumerate(fixed)]
     batch = io.input_shape[0] or (1 if spec.kind == "image" else spec.batch_size)
     return (batch, 1, *dims) if spec.layout.startswith("NC") else (batch, *dims, 1)
+
+
+def _brackets(shape: Shape) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 def _dims(shape: tuple[int | None, ...]) -> str:
