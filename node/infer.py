@@ -29,8 +29,8 @@ from .errors import ConfigError, InputError
 from .graph import GraphIO, channel_axis, check_graph, check_output, spatial_axes, warmup_shape
 from .manifest import ModelManifest
 from .preprocess import (
-    Intensity, Placement, apply_intensity, from_model_plane, intensity_for, placement,
-    resample, resample_chunks, target_shape, to_model_plane,
+    Intensity, Placement, apply_intensity, from_model_plane, intensity_for, model_planes,
+    placement, resample, resample_chunks, target_shape,
 )
 from .sliding import sliding_window
 from .volume import SeriesVolume
@@ -242,13 +242,7 @@ class ModelRuntime:
     def preprocess(self, volume: SeriesVolume, start: int = 0, stop: int | None = None,
                    intensity: Intensity | None = None, where: Placement | None = None) -> np.ndarray:
         """The exact tensor the graph receives for planes ``start:stop`` (image, slices)."""
-        spec = self.manifest.input
-        intensity = intensity if intensity is not None else intensity_for(volume, spec)
-        where = where if where is not None else placement(volume.pixels.shape[1:], spec)
-        x = to_model_plane(apply_intensity(volume.pixels[start:stop], intensity), where,
-                           spec.pad_value)
-        x = x[:, None, :, :] if spec.layout == "NCHW" else x[:, :, :, None]
-        return np.ascontiguousarray(x, dtype=self._np_dtype)
+        return model_planes(volume, self.manifest.input, start, stop, intensity, where)
 
     def _segment(self, y: np.ndarray, where: Placement, out: np.ndarray) -> None:
         """One batch of plane output -> ``out``, bool (segments, batch, rows, cols), source grid."""

@@ -165,6 +165,17 @@ def nearest_stack(y: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return y[:, ri][:, :, ci]
 
 
+def model_planes(volume: SeriesVolume, spec: InputSpec, start: int = 0, stop: int | None = None,
+                 intensity: Intensity | None = None, where: Placement | None = None) -> np.ndarray:
+    """The exact tensor a 2D model (image, slices) receives for planes ``start:stop``:
+    intensity handled, resized and padded, in ``spec.layout`` and ``spec.dtype``."""
+    intensity = intensity if intensity is not None else intensity_for(volume, spec)
+    where = where if where is not None else placement(volume.shape[1:], spec)  # type: ignore[arg-type]
+    x = to_model_plane(apply_intensity(volume.pixels[start:stop], intensity), where, spec.pad_value)
+    x = x[:, None, :, :] if spec.layout == "NCHW" else x[:, :, :, None]
+    return np.ascontiguousarray(x, dtype=np.float16 if spec.dtype == "float16" else np.float32)
+
+
 # ------------------------------------------------------------------------ 3D resampling
 def target_shape(volume: SeriesVolume, spec: InputSpec) -> tuple[int, int, int]:
     """The grid a volume model works on: ``input.size``, or the series' extent divided by
