@@ -34,13 +34,14 @@ MANUFACTURER = "pacs-ai-node"
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:pacs-ai-node:result-uid")
 _MILLILITER = Code("ml", "UCUM", "milliliter")
 _NO_UNITS = Code("1", "UCUM", "no units")
-_PROCEDURES = {      # CID 100 Quantitative Diagnostic Imaging Procedures, by Modality
+# CID 100 Quantitative Diagnostic Imaging Procedures, by Modality. Radiographs (CR, DX) get the
+# generic "Imaging procedure": "XR unspecified body region" (LN 43468-8) joined CID 100 only in
+# recent editions, and validators built on older ones (PixelMed 2022) refuse it.
+_PROCEDURES = {
     "CT": Code("25045-6", "LN", "CT unspecified body region"),
     "MR": Code("25056-3", "LN", "MRI unspecified body region"),
     "PT": Code("44136-0", "LN", "PET unspecified body region"),
     "NM": Code("49118-3", "LN", "NM unspecified body region"),
-    "CR": Code("43468-8", "LN", "XR unspecified body region"),
-    "DX": Code("43468-8", "LN", "XR unspecified body region"),
 }
 _PRIORITIES = {
     "stat": Code("49499008", "SCT", "Stat"),
