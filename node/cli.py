@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -93,13 +94,46 @@ def _db(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return db
 
 
+def node_status(config: Config) -> dict | None:
+    """What ``data_dir/status.json`` says about the node, with ``running`` worked out."""
+    from .worker import STATUS_FILE
+
+    path = config.node.data_dir / STATUS_FILE
+    if not path.is_file():
+        return None
+    status = json.loads(path.read_text())
+    running = "stopped_at" not in status
+    if running:
+        try:
+            os.kill(int(status["pid"]), 0)
+        except ProcessLookupError:
+            running = False          # killed without a graceful stop
+        except PermissionError:
+            pass
+    status["running"] = running
+    return status
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    config = _config(args.config)
     db = _db(args)
     counts = db.counts()
+    node = node_status(config)
     if args.json:
-        print(json.dumps(counts, indent=2))
+        print(json.dumps({"node": node, **counts}, indent=2))
         return 0
-    print(f"database: {db.url}")
+    if node is None:
+        print("node:       never started with this data_dir")
+    else:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(node["started_at"]))
+        state = f"running, pid {node['pid']}" if node["running"] else "not running"
+        print(f"node:       {state}; started {since}; {node['ae_title']} on {node['host']}:{node['port']}")
+        for name, m in node["models"].items():
+            binding = f", IOBinding on {m['io_binding']}" if m.get("io_binding") else ""
+            demo = ", DEMONSTRATION" if m.get("demonstration") else ""
+            print(f"model:      {name} {m['version']} ({m['task']}, {m['kind']}) on {m['provider']}"
+                  f"{binding}; warm-up {1000 * m['warmup_s']:.0f} ms{demo}")
+    print(f"database:   {db.url}")
     for name in ("instances", "series", "jobs", "deliveries"):
         parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.get(name, {}).items())) or "none"
         print(f"{name:11s} {parts}")

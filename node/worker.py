@@ -13,7 +13,9 @@ back what was in flight and carries on.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from io import BytesIO
@@ -31,6 +33,7 @@ from .errors import ConfigError, NodeError, PermanentError, RetryableError
 from .infer import ModelRuntime
 from .ingest import Ingest
 from .manifest import discover, load_manifest
+from . import __version__
 from .store import FileStore
 from .volume import load_series
 
@@ -38,6 +41,8 @@ log = logging.getLogger("node.worker")
 
 MAX_JOB_ATTEMPTS = 3
 STALL_TIMEOUT_S = 300.0
+#: In ``data_dir``: what the running node is and which provider runs each model.
+STATUS_FILE = "status.json"
 
 
 def load_models(config: Config) -> dict[str, ModelRuntime]:
@@ -83,6 +88,7 @@ class Node:
             log.info("recovered after restart: %d partial files removed, %d jobs/deliveries given back",
                      removed, given_back)
         self.ingest.start()
+        self._write_status(started_at=time.time())
         for name, target in (("assemble", self._assemble_loop), ("infer", self._infer_loop),
                              ("deliver-1", self._deliver_loop), ("deliver-2", self._deliver_loop)):
             thread = threading.Thread(target=self._guard(target), name=name, daemon=True)
@@ -99,6 +105,19 @@ class Node:
         for thread in self._threads:
             thread.join(max(0.1, deadline - time.monotonic()))
         self.db.close()
+        self._write_status(stopped_at=time.time())
+
+    def _write_status(self, **changes: float) -> None:
+        """Write ``data_dir/status.json`` (pid, listener, models and their providers)."""
+        path = self.config.node.data_dir / STATUS_FILE
+        status: dict[str, Any] = {}
+        if "started_at" not in changes and path.is_file():
+            status = json.loads(path.read_text())
+        status.update(
+            pid=os.getpid(), version=__version__, ae_title=self.config.node.ae_title,
+            host=self.config.node.host, port=self.config.node.port,
+            models={name: runtime.describe() for name, runtime in self.models.items()}, **changes)
+        self.store.write_atomic(path, (json.dumps(status, indent=2).encode(),))
 
     def _guard(self, loop: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
