@@ -219,7 +219,8 @@ class Node:
         summary: dict[str, Any] = {"model": manifest.name, "version": manifest.version,
                                    "provider": prediction.provider, "slices": int(volume.pixels.shape[0])}
         if prediction.masks is not None:
-            result = encode_segmentation(volume.headers, prediction.masks, manifest, job_key)
+            result = encode_segmentation(volume.headers, prediction.masks, manifest, job_key,
+                                         frames=volume.frames)
             outputs = {"seg.dcm": result.seg, "sr.dcm": result.sr}
             summary["volumes_ml"] = {v.name: round(v.volume_ml, 3) for v in result.volumes}
         else:
