@@ -1,6 +1,11 @@
 """Ingest throughput: DCMTK storescp and ``ainode serve`` on the same data, in the same run.
 
     python benchmarks/ingest.py [--slices 300] [--size 512] [--parallel 1 2 4] [--repeat 3]
+    python benchmarks/ingest.py --load 8 --slices 200 [--processes 1 2]
+
+The first form splits one series over 1, 2, 4 associations. ``--load N`` is the load test:
+N senders at once, each with its own series, each on its own association; afterwards every
+instance must be stored once and every series assembled once.
 
 DCMTK's storescu sends a synthetic CT series over loopback, once to DCMTK's storescp
 (the reference: writes files, no database) and once to ``ainode serve`` (atomic files plus a
@@ -48,9 +53,11 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"port {port} never opened")
 
 
-def send(files: list[Path], aec: str, port: int, parallel: int) -> float:
-    """Seconds for ``parallel`` storescu processes (one association each) to send all files."""
-    chunks = [files[i::parallel] for i in range(parallel)]
+def send(files: list[Path] | list[list[Path]], aec: str, port: int, parallel: int) -> float:
+    """Seconds for ``parallel`` storescu processes (one association each) to send all files.
+
+    ``files`` is one list to split, or one list per sender."""
+    chunks = files if isinstance(files[0], list) else [files[i::parallel] for i in range(parallel)]
     t = time.perf_counter()
     procs = [subprocess.Popen([str(DCMTK / "storescu"), "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(port),
                                *map(str, chunk)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -75,28 +82,41 @@ def run_storescp(files: list[Path], work: Path, parallel: int) -> float:
     finally:
         proc.terminate()
         proc.wait()
-    assert len(list(out.iterdir())) == len(files), "storescp did not store every file"
+    assert len(list(out.iterdir())) == _count(files), "storescp did not store every file"
     return seconds
 
 
-def run_node(files: list[Path], work: Path, parallel: int, fsync: bool) -> float:
+def _count(files) -> int:
+    return sum(len(f) for f in files) if isinstance(files[0], list) else len(files)
+
+
+def run_node(files, work: Path, parallel: int, fsync: bool, processes: int = 1,
+             timeout_s: float = 3600) -> float:
     data = work / "node"
     shutil.rmtree(data, ignore_errors=True)
     port = free_port()
     config = work / "bench.toml"
     config.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data}"\n'
-                      f'[ingest]\nseries_timeout_s = 3600\nmin_free_disk_mb = 100\nfsync = {str(fsync).lower()}\n')
+                      f'[ingest]\nseries_timeout_s = {timeout_s}\nmin_free_disk_mb = 100\nfsync = {str(fsync).lower()}\n'
+                      f'processes = {processes}\n')
     proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--log-level", "WARNING", "serve", "--config",
                              str(config)], cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_port(port)
         seconds = send(files, "AINODE", port, parallel)
+        if timeout_s < 60:                                    # load test: wait for assembly
+            time.sleep(timeout_s + 2)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     with sqlite3.connect(data / "node.db") as db:
         stored = db.execute("select count(*) from instances").fetchone()[0]
-    assert stored == len(files), f"node stored {stored} of {len(files)}: {err.decode()[-2000:]}"
+        assembled = db.execute("select count(*) from series where status = 'assembled'").fetchone()[0]
+    assert stored == _count(files), f"node stored {stored} of {_count(files)}: {err.decode()[-2000:]}"
+    if timeout_s < 60:
+        assert assembled == len(files), f"{assembled} series assembled of {len(files)}"
+    errors = [line for line in err.decode().splitlines() if " ERROR " in line or "locked" in line]
+    assert not errors, "\n".join(errors[:10])
     return seconds
 
 
@@ -106,7 +126,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--parallel", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--repeat", type=int, default=3, help="runs per figure; the median is shown")
+    ap.add_argument("--load", type=int, default=0, metavar="N", help="N senders, each with its own series")
+    ap.add_argument("--processes", type=int, nargs="+", default=[1], help="ingest.processes values to try")
     args = ap.parse_args()
+    if args.load:
+        return load_test(args)
 
     with tempfile.TemporaryDirectory(prefix="ainode-bench-") as tmp:
         work = Path(tmp)
@@ -126,6 +150,29 @@ def main() -> None:
             for name, seconds in rows:
                 print(f"{name:28s} {parallel:5d} {seconds:8.2f} {len(files) / seconds:8.0f} {mb / seconds:8.1f} "
                       f"{ref / seconds:10.2f}")
+
+
+def load_test(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="ainode-load-") as tmp:
+        work = Path(tmp)
+        t = time.perf_counter()
+        series = [list(make_ct_series(work / f"series-{k}", slices=args.slices, size=args.size, seed=k,
+                                      accession=f"LOAD{k}").files) for k in range(args.load)]
+        n = sum(len(s) for s in series)
+        mb = sum(f.stat().st_size for s in series for f in s) / 1e6
+        print(f"load: {args.load} senders at once, each a {args.slices}-slice {args.size}x{args.size} CT series "
+              f"on its own association; {n} instances, {mb:.0f} MB (made in {time.perf_counter() - t:.1f} s); "
+              f"{os.cpu_count()} CPUs; median of {args.repeat} runs")
+        print(f"{'receiver':36s} {'seconds':>8s} {'inst/s':>8s} {'MB/s':>8s} {'x storescp':>10s}")
+        ref = statistics.median(run_storescp(series, work, args.load) for _ in range(args.repeat))
+        rows = [("DCMTK storescp", ref)]
+        for processes in args.processes:
+            seconds = statistics.median(run_node(series, work, args.load, True, processes, timeout_s=2.0)
+                                        for _ in range(args.repeat))
+            rows.append((f"ainode serve (processes={processes})", seconds))
+        for name, seconds in rows:
+            print(f"{name:36s} {seconds:8.2f} {n / seconds:8.0f} {mb / seconds:8.1f} {ref / seconds:10.2f}")
+        print("every instance stored once, every series assembled once, no errors in the node's log")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
@@ -168,9 +169,23 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     db = _db(args)
     message = db.retry(args.id)
+    db.audit(f"operator:{getpass.getuser()}", "retry", f"job {args.id}", outcome=message)
     logging.getLogger("node.cli").info("operator retry: %s", message)
     print(message)
     return 0 if "again" in message else 1
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    db = _db(args)
+    rows = db.audit_report(args.limit, args.action)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in reversed(rows):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
+        detail = " ".join(f"{k}={v}" for k, v in r["detail"].items())
+        print(f"{when}  {r['actor']:24s} {r['action']:10s} {r['subject']}  {detail}")
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -283,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = with_config(sub.add_parser("retry", help="queue a failed job, or a done job's deliveries, again"))
     r.add_argument("id", type=int)
     r.set_defaults(func=cmd_retry)
+    a = with_config(sub.add_parser("audit", help="who sent what, which model made which result, who retried"))
+    a.add_argument("--limit", type=int, default=100)
+    a.add_argument("--action", help="only this action (received, result, delivered, retry, purged)")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_audit)
     m = sub.add_parser("models", help="list or check model packages")
     msub = m.add_subparsers(dest="action", required=True)
     with_config(msub.add_parser("list")).set_defaults(func=cmd_models)

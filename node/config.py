@@ -7,6 +7,7 @@ start rather than run with a setting it silently "fixed".
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +43,11 @@ class NodeSection:
 class IngestSection:
     series_timeout_s: float = 10.0
     allowed_calling_aets: tuple[str, ...] = ()
+    allowed_addresses: tuple[str, ...] = ()     # IP addresses or networks (CIDR); empty: any
     min_free_disk_mb: int = 1024
     fsync: bool = True
     max_pdu_size: int = 1048576
+    processes: int = 1                          # listener processes sharing the port
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,12 @@ class DeliverySection:
     backoff_s: float = 5.0
     backoff_max_s: float = 600.0
     timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class RetentionSection:
+    delete_after_h: float = 0.0      # images and results, after their results were delivered; 0: keep
+    check_interval_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,7 @@ class Config:
     ingest: IngestSection = field(default_factory=IngestSection)
     inference: InferenceSection = field(default_factory=InferenceSection)
     delivery: DeliverySection = field(default_factory=DeliverySection)
+    retention: RetentionSection = field(default_factory=RetentionSection)
     destinations: tuple[Destination, ...] = ()
     routes: tuple[Route, ...] = ()
 
@@ -136,9 +146,13 @@ def parse_config(data: dict[str, Any]) -> Config:
         allowed_calling_aets=tuple(
             _ae_title(a, f"ingest.allowed_calling_aets[{k}]")
             for k, a in enumerate(i.str_list("allowed_calling_aets"))),
+        allowed_addresses=tuple(
+            _network(a, f"ingest.allowed_addresses[{k}]")
+            for k, a in enumerate(i.str_list("allowed_addresses"))),
         min_free_disk_mb=i.get("min_free_disk_mb", int, 1024),
         fsync=i.get("fsync", bool, True),
         max_pdu_size=i.get("max_pdu_size", int, 1048576),
+        processes=i.positive("processes", int, 1),
     )
     i.done()
     if ingest.min_free_disk_mb < 0:
@@ -163,6 +177,14 @@ def parse_config(data: dict[str, Any]) -> Config:
         timeout_s=d.positive("timeout_s", float, 30.0),
     )
     d.done()
+
+    r = top.table("retention")
+    retention = RetentionSection(
+        delete_after_h=r.get("delete_after_h", float, 0.0),
+        check_interval_s=r.positive("check_interval_s", float, 60.0))
+    r.done()
+    if retention.delete_after_h < 0:
+        raise ConfigError("retention.delete_after_h: must be 0 (keep forever) or more")
 
     destinations = []
     for t in top.tables("destinations"):
@@ -196,7 +218,7 @@ def parse_config(data: dict[str, Any]) -> Config:
             raise ConfigError(f"{t.where}: a route needs models or forward_to (it would do nothing)")
         routes.append(route)
     top.done()
-    return Config(node=node, ingest=ingest, inference=inference, delivery=delivery,
+    return Config(node=node, ingest=ingest, inference=inference, delivery=delivery, retention=retention,
                   destinations=tuple(destinations), routes=tuple(routes))
 
 
@@ -220,6 +242,13 @@ def _ae_title(value: str, where: str) -> str:
     if not _AE_TITLE.match(value) or not value.strip():
         raise ConfigError(f"{where}: {value!r} is not a valid AE title (1-16 printable characters, no backslash)")
     return value.strip()
+
+
+def _network(value: str, where: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ConfigError(f"{where}: {value!r} is not an IP address or network (e.g. 10.1.0.0/16)") from None
 
 
 def _port(value: int, where: str) -> int:

@@ -3,6 +3,7 @@
 States (each change is one committed statement, so a crash anywhere loses nothing)::
 
     series:     receiving --(quiet for series_timeout_s)--> assembled --(new instance)--> receiving
+                assembled --(results delivered + retention time)--> purged
     job:        queued --claim--> running --> done
                                      |------> queued   (retryable error, or stalled/restarted)
                                      '------> failed   (permanent error, or attempts used up)
@@ -34,6 +35,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 class SeriesStatus(str, enum.Enum):
     RECEIVING = "receiving"
     ASSEMBLED = "assembled"
+    PURGED = "purged"          # files removed by retention; the rows stay
 
 
 class JobStatus(str, enum.Enum):
@@ -123,6 +125,18 @@ class Delivery(Base):
     created_at: Mapped[float] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str] = mapped_column(Text, default="")
+
+
+class AuditEvent(Base):
+    """Who did what, when: associations, results produced, deliveries, operator actions."""
+
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    actor: Mapped[str] = mapped_column(String(128))       # "CT1@10.0.0.5", "node", "operator:alice"
+    action: Mapped[str] = mapped_column(String(32))       # received, result, delivered, retry, purged, ...
+    subject: Mapped[str] = mapped_column(String(128))     # a study/series UID, job or delivery id
+    detail: Mapped[str] = mapped_column(Text, default="{}")
 
 
 @dataclass(frozen=True)
@@ -334,15 +348,22 @@ class Database:
             conn.execute(update(Job).where(Job.id == job_id).values(
                 status=status.value, error=error[:2000], finished_at=None if retry else time.time()))
 
-    def requeue_stalled(self, heartbeat_before: float) -> int:
-        """Give back running jobs and sending deliveries whose worker stopped (crash, restart)."""
+    def requeue_stalled(self, heartbeat_before: float | None = None) -> int:
+        """Give back work whose worker stopped; returns how many rows.
+
+        ``None`` gives back everything in flight: what a node does at start, when it is the
+        only node on this database. Otherwise running jobs whose heartbeat is older than
+        ``heartbeat_before`` and sending deliveries whose lease has expired are given back.
+        """
+        jobs = update(Job).where(Job.status == JobStatus.RUNNING.value)
+        deliveries = update(Delivery).where(Delivery.status == DeliveryStatus.SENDING.value)
+        if heartbeat_before is not None:
+            jobs = jobs.where(Job.heartbeat_at < heartbeat_before)
+            deliveries = deliveries.where(Delivery.next_attempt_at < time.time())
         with self.engine.begin() as conn:
-            n = conn.execute(update(Job).where(Job.status == JobStatus.RUNNING.value,
-                                               Job.heartbeat_at < heartbeat_before)
-                             .values(status=JobStatus.QUEUED.value)).rowcount
-            n += conn.execute(update(Delivery).where(Delivery.status == DeliveryStatus.SENDING.value,
-                                                     Delivery.next_attempt_at < heartbeat_before)
-                              .values(status=DeliveryStatus.PENDING.value)).rowcount
+            n = conn.execute(jobs.values(status=JobStatus.QUEUED.value)).rowcount
+            n += conn.execute(deliveries.values(status=DeliveryStatus.PENDING.value,
+                                                next_attempt_at=time.time())).rowcount
         return n
 
     def job_results(self, job_id: int) -> list[str]:
@@ -456,6 +477,49 @@ class Database:
             return [dict(id=d.id, kind=d.kind, job_id=d.job_id, series_id=d.series_id,
                          destination=d.destination, status=d.status, attempts=d.attempts,
                          error=d.error) for (d,) in conn.execute(stmt).all()]
+
+    # ------------------------------------------------------------- retention
+    def purgeable_series(self, finished_before: float) -> list[int]:
+        """Assembled series whose jobs and deliveries are all done, the last before the time."""
+        open_jobs = select(Job.id).where(Job.series_id == Series.id, Job.status != JobStatus.DONE.value).exists()
+        open_deliveries = select(Delivery.id).where(
+            Delivery.series_id == Series.id, Delivery.status != DeliveryStatus.DONE.value).exists()
+        last_job = select(func.max(Job.finished_at)).where(Job.series_id == Series.id).scalar_subquery()
+        last_delivery = (select(func.max(Delivery.finished_at)).where(Delivery.series_id == Series.id)
+                         .scalar_subquery())
+        finished = func.coalesce(last_delivery, last_job, Series.last_received_at)
+        stmt = (select(Series.id).where(Series.status == SeriesStatus.ASSEMBLED.value, ~open_jobs,
+                                        ~open_deliveries, finished < finished_before)
+                .order_by(Series.id).limit(100))
+        with self.engine.connect() as conn:
+            return list(conn.execute(stmt).scalars())
+
+    def series_results(self, series_id: int) -> list[str]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(Job.result_files).where(Job.series_id == series_id)).scalars()
+            return [path for row in rows for path in json.loads(row or "[]")]
+
+    def mark_purged(self, series_id: int) -> bool:
+        """Assembled -> purged, unless an instance arrived meanwhile (then it is receiving)."""
+        with self.engine.begin() as conn:
+            return bool(conn.execute(update(Series).where(
+                Series.id == series_id, Series.status == SeriesStatus.ASSEMBLED.value)
+                .values(status=SeriesStatus.PURGED.value)).rowcount)
+
+    # ----------------------------------------------------------------- audit
+    def audit(self, actor: str, action: str, subject: str, **detail: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(self._insert(AuditEvent).values(
+                at=time.time(), actor=actor[:128], action=action[:32], subject=subject[:128],
+                detail=json.dumps(detail, default=str)))
+
+    def audit_report(self, limit: int = 100, action: str | None = None) -> list[dict[str, Any]]:
+        stmt = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+        if action:
+            stmt = stmt.where(AuditEvent.action == action)
+        with Session(self.engine) as session:
+            return [dict(at=e.at, actor=e.actor, action=e.action, subject=e.subject,
+                         detail=json.loads(e.detail or "{}")) for (e,) in session.execute(stmt).all()]
 
     def ping(self) -> None:
         with self.engine.connect() as conn:

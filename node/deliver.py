@@ -26,6 +26,9 @@ log = logging.getLogger("node.deliver")
 
 _PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:@]+):(?P<port>\d{1,5})$")
 _MAX_CONTEXTS = 128
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+#: Success, and the storage warnings (coercion, elements discarded, data set mismatch).
+_SUCCESS_OR_WARNING = (0x0000, 0xB000, 0xB006, 0xB007)
 
 
 @dataclass(frozen=True)
@@ -118,16 +121,18 @@ def send_files(paths: Sequence[Path], peer: Peer, calling_ae: str = "AINODE",
     if not readable:
         return report
     ae = _ae(calling_ae, timeout)
-    pairs: OrderedDict[str, list[str]] = OrderedDict()
+    # Each SOP class is proposed in the files' own transfer syntaxes, one context each (the
+    # peer then cannot pick another syntax of the same context), plus one context offering
+    # the uncompressed syntaxes, into which pynetdicom re-encodes uncompressed files.
+    contexts: OrderedDict[tuple[str, tuple[str, ...]], None] = OrderedDict()
     for sop_class, ts in readable.values():
-        syntaxes = pairs.setdefault(sop_class, [])
-        for uid in (ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            if uid not in syntaxes:
-                syntaxes.append(uid)
-    if len(pairs) > _MAX_CONTEXTS:
-        raise DeliveryError(f"{peer}: {len(pairs)} SOP classes in one send; at most {_MAX_CONTEXTS}")
-    for sop_class, syntaxes in pairs.items():
-        ae.add_requested_context(sop_class, syntaxes)
+        contexts[(sop_class, (ts,))] = None
+        contexts[(sop_class, _UNCOMPRESSED)] = None
+    if len(contexts) > _MAX_CONTEXTS:
+        raise DeliveryError(f"{peer}: {len(contexts)} presentation contexts needed in one send; "
+                            f"at most {_MAX_CONTEXTS}")
+    for sop_class, syntaxes in contexts:
+        ae.add_requested_context(sop_class, list(syntaxes))
 
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
@@ -136,16 +141,19 @@ def send_files(paths: Sequence[Path], peer: Peer, calling_ae: str = "AINODE",
     try:
         accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
         for path, (sop_class, ts) in readable.items():
-            if (sop_class, ts) not in accepted:
+            if (sop_class, ts) in accepted:
+                status = assoc.send_c_store(path)          # as stored, not decoded
+            elif ts in _UNCOMPRESSED and any((sop_class, u) in accepted for u in _UNCOMPRESSED):
+                status = assoc.send_c_store(dcmread(path))  # re-encoded by pynetdicom
+            else:
                 report.failed.append((str(path), f"peer accepts no context for {sop_class} in {ts}"))
                 continue
-            status = assoc.send_c_store(path)
             if not assoc.is_established:
                 raise DeliveryError(f"{peer}: association lost while sending {path.name}")
             code = int(status.Status) if status and "Status" in status else None
             if code is None:
                 report.failed.append((str(path), "no response (timeout or aborted)"))
-            elif code in (0x0000, 0xB000, 0xB007, 0xB006):
+            elif code in _SUCCESS_OR_WARNING:
                 report.sent += 1
             else:
                 report.failed.append((str(path), f"peer answered status 0x{code:04X}"))

@@ -7,21 +7,28 @@ a named DICOM status and one log line that says why.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import signal
+import socket
 import socketserver
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
+import pydicom
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+from pydicom.multival import MultiValue
+from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
                          JPEGExtended12Bit, JPEGLosslessSV1, JPEGLossless, JPEGLSLossless,
                          JPEGLSNearLossless, RLELossless, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K)
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
-from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.dsutils import decode, encode_file_meta
 from pynetdicom.sop_class import Verification
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
@@ -39,6 +46,10 @@ OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
+# A-ASSOCIATE-RJ (PS3.8 9.3.4)
+REJECTED_PERMANENT = 0x01
+SOURCE_SERVICE_USER = 0x01
+NO_REASON_GIVEN = 0x01
 
 #: Transfer syntaxes accepted for storage, preferred first.
 TRANSFER_SYNTAXES = [
@@ -68,11 +79,14 @@ class Ingest:
         self.stats = IngestStats()
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
+        self._received: dict[int, dict[tuple[str, str], int]] = {}   # association -> series -> count
+        self._networks = [ipaddress.ip_network(a) for a in config.ingest.allowed_addresses]
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.config.node.ae_title)
         ae.maximum_pdu_size = self.config.ingest.max_pdu_size
+        # Per process: the kernel's spread of connections over several processes is uneven.
         ae.maximum_associations = self.config.node.max_associations
         ae.network_timeout = 60
         ae.acse_timeout = 30
@@ -89,16 +103,20 @@ class Ingest:
         assert self._server is not None
         return int(self._server.server_address[1])
 
-    def start(self) -> None:
+    def start(self, reuse_port: bool = False) -> None:
+        """Listen in background threads; ``reuse_port`` lets several processes share the port."""
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_RELEASED, self._on_released),
         ]
         address = (self.config.node.host, self.config.node.port)
-        server = self.ae.make_server(address, evt_handlers=handlers, server_class=ThreadedAssociationServer,
+        server = self.ae.make_server(address, evt_handlers=handlers,
+                                     server_class=ReusePortServer if reuse_port else ThreadedAssociationServer,
                                      request_handler=FastRequestHandler)
         thread = threading.Thread(target=server.serve_forever, name="ingest-server", daemon=True)
         thread.start()
@@ -126,19 +144,59 @@ class Ingest:
         log.info("C-ECHO from %s", event.assoc.requestor.ae_title)
         return SUCCESS
 
+    def _on_requested(self, event: evt.Event) -> None:
+        """Refuse peers from addresses outside ``allowed_addresses`` before negotiation."""
+        if not self._networks:
+            return
+        r = event.assoc.requestor
+        try:
+            address = ipaddress.ip_address(r.address)
+        except ValueError:
+            address = None
+        if address is None or not any(address in net for net in self._networks):
+            calling = getattr(r.primitive, "calling_ae_title", "") or "?"
+            log.warning("association from %s at %s rejected: address not in ingest.allowed_addresses",
+                        str(calling).strip(), r.address)
+            event.assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, NO_REASON_GIVEN)
+            event.assoc.kill()   # as pynetdicom does after its own rejections: lets the PDU go out
+
     def _on_accepted(self, event: evt.Event) -> None:
         r = event.assoc.requestor
         log.info("association from %s at %s:%s accepted", r.ae_title, r.address, r.port)
 
     def _on_rejected(self, event: evt.Event) -> None:
         r = event.assoc.requestor
-        log.warning("association from %s at %s rejected (calling AE title not allowed, or too many associations)",
-                    r.ae_title, r.address)
+        allowed = self.config.ingest.allowed_calling_aets
+        if allowed and r.ae_title.strip() not in allowed:
+            why = "calling AE title not in ingest.allowed_calling_aets"
+        elif len(self.ae.active_associations) > self.config.node.max_associations:
+            why = f"node.max_associations ({self.config.node.max_associations}) reached"
+        else:
+            why = "see the reason sent to the peer"
+        log.warning("association from %s at %s rejected: %s", r.ae_title, r.address, why)
 
     def _on_aborted(self, event: evt.Event) -> None:
         r = event.assoc.requestor
         log.warning("association from %s at %s aborted; instances acknowledged before it are kept",
                     r.ae_title, r.address)
+        self._audit_association(event, "aborted")
+
+    def _on_released(self, event: evt.Event) -> None:
+        self._audit_association(event, "released")
+
+    def _audit_association(self, event: evt.Event, how: str) -> None:
+        """One audit row per association that stored something: who sent which series."""
+        with self._lock:
+            received = self._received.pop(id(event.assoc), None)
+        if not received:
+            return
+        r = event.assoc.requestor
+        try:
+            for (study_uid, series_uid), count in received.items():
+                self.db.audit(f"{r.ae_title}@{r.address}", "received", series_uid, study_uid=study_uid,
+                              instances=count, association=how)
+        except Exception:  # noqa: BLE001 - the audit must not break the association's end
+            log.exception("could not write the audit record of an association from %s", r.ae_title)
 
     def _on_store(self, event: evt.Event) -> int:
         """Store one instance; always answers, never raises into pynetdicom."""
@@ -167,33 +225,113 @@ class Ingest:
         request = event.request
         stream: BytesIO = request.DataSet
         try:
-            ds = event.dataset
-            header = {k: str(ds.get(k, "") or "") for k in _HEADER_KEYS}
-        except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
-            return self._refuse(CANNOT_UNDERSTAND, "%s from %s: data set cannot be decoded: %s",
-                                sop_uid, calling, exc)
-        study_uid, series_uid = header["StudyInstanceUID"], header["SeriesInstanceUID"]
-        for name, uid in (("AffectedSOPInstanceUID", sop_uid), ("StudyInstanceUID", study_uid),
-                          ("SeriesInstanceUID", series_uid)):
-            if not valid_uid(uid):
-                return self._refuse(CANNOT_UNDERSTAND, "%s from %s: %s %r is missing or not a valid UID",
-                                    sop_uid or "?", calling, name, uid[:80])
-        if header["SOPInstanceUID"] != sop_uid:
-            return self._refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                                "%s from %s: SOPInstanceUID in the data set (%r) differs from the request",
-                                sop_uid, calling, header["SOPInstanceUID"][:80])
+            header = read_header(stream, event.context.transfer_syntax, sop_uid,
+                                 str(request.AffectedSOPClassUID or ""))
+        except Refused as exc:
+            return self._refuse(exc.status, "%s from %s: %s", sop_uid or "?", calling, exc)
 
-        path = self.store.image_path(study_uid, series_uid, sop_uid)
+        path = self.store.image_path(header.study_uid, header.series_uid, sop_uid)
         meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
         size = self.store.write_atomic(path, (meta, stream.getbuffer()))
         self.db.record_instance(InstanceRecord(
-            study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_uid,
+            study_uid=header.study_uid, series_uid=header.series_uid, sop_instance_uid=sop_uid,
             sop_class_uid=str(request.AffectedSOPClassUID), transfer_syntax=str(event.context.transfer_syntax),
-            path=str(path), size=size, modality=header["Modality"][:16], patient_id=header["PatientID"][:64],
-            accession=header["AccessionNumber"][:16], series_description=header["SeriesDescription"][:64],
+            path=str(path), size=size, modality=header.modality, patient_id=header.patient_id,
+            accession=header.accession, series_description=header.series_description,
             calling_aet=calling, called_aet=event.assoc.acceptor.ae_title))
         with self._lock:
             self.stats.stored += 1
             self.stats.bytes += size
+            per_series = self._received.setdefault(id(event.assoc), {})
+            key = (header.study_uid, header.series_uid)
+            per_series[key] = per_series.get(key, 0) + 1
         log.debug("stored %s (%d bytes) from %s", sop_uid, size, calling)
         return SUCCESS
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """A listener that shares its port with the node's other ingest processes (SO_REUSEPORT:
+    the kernel spreads incoming connections over them)."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def serve_ingest_only(config: Config) -> None:
+    """Entry point of an extra ingest process: listen until SIGTERM, then stop cleanly."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)       # the main process decides when to stop
+    db = Database(config.node.effective_database_url)
+    ingest = Ingest(config, FileStore(config.node.data_dir, fsync=config.ingest.fsync), db)
+    ingest.start(reuse_port=True)
+    stop.wait()
+    ingest.stop()
+    db.close()
+
+
+class Refused(Exception):
+    """An instance that cannot be stored; ``status`` is the C-STORE status to answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Header:
+    """What ingest needs from a received data set (nothing is decoded beyond these)."""
+
+    study_uid: str
+    series_uid: str
+    modality: str = ""
+    patient_id: str = ""
+    accession: str = ""
+    series_description: str = ""
+
+
+def read_header(stream: BytesIO, transfer_syntax: str, sop_uid: str, sop_class_uid: str) -> Header:
+    """Read and check the header of a received data set.
+
+    Raises:
+        Refused: with the status to answer: the data set cannot be decoded, a UID is missing
+            or invalid (a path is built from them), or it contradicts the request.
+    """
+    ts = UID(transfer_syntax)
+    stream.seek(0)
+    try:
+        ds = decode(stream, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+        values = {k: _text(ds, k) for k in _HEADER_KEYS + ("SOPClassUID",)}
+    except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError, IndexError,
+            OverflowError, UnicodeError, AttributeError, NotImplementedError, zlib.error) as exc:
+        raise Refused(CANNOT_UNDERSTAND, f"data set cannot be decoded: {type(exc).__name__}: {exc}") from None
+    finally:
+        stream.seek(0)
+    for name, uid in (("AffectedSOPInstanceUID", sop_uid), ("StudyInstanceUID", values["StudyInstanceUID"]),
+                      ("SeriesInstanceUID", values["SeriesInstanceUID"])):
+        if not valid_uid(uid):
+            raise Refused(CANNOT_UNDERSTAND, f"{name} {uid[:80]!r} is missing or not a valid UID")
+    if values["SOPInstanceUID"] != sop_uid:
+        raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                      f"SOPInstanceUID in the data set ({values['SOPInstanceUID'][:80]!r}) differs from the request")
+    if sop_class_uid and values["SOPClassUID"] and values["SOPClassUID"] != sop_class_uid:
+        raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                      f"SOPClassUID in the data set ({values['SOPClassUID'][:80]!r}) differs from the request")
+    return Header(study_uid=values["StudyInstanceUID"], series_uid=values["SeriesInstanceUID"],
+                  modality=values["Modality"][:16], patient_id=values["PatientID"][:64],
+                  accession=values["AccessionNumber"][:16], series_description=values["SeriesDescription"][:64])
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """A header value as stripped text ('' when absent); multi-values joined by a backslash."""
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, MultiValue)):
+        return "\\".join(str(v) for v in value).strip()
+    return str(value).strip()

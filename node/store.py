@@ -68,6 +68,16 @@ class FileStore:
             raise
         return size
 
+    def remove(self, paths: list[str]) -> int:
+        """Delete files that lie under the store's root; returns how many were removed."""
+        n = 0
+        for name in paths:
+            path = Path(name)
+            if path.resolve().is_relative_to(self.root) and path.is_file():
+                path.unlink()
+                n += 1
+        return n
+
     def free_mb(self) -> float:
         return shutil.disk_usage(self.root).free / 1048576
 

@@ -13,17 +13,20 @@ back what was in flight and carries on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import threading
 import time
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pydicom
 
+from . import __version__
 from .assemble import plan_series, series_attributes
 from .config import Config
 from .db import Database, DeliveryRow, JobRow
@@ -31,9 +34,8 @@ from .deliver import Peer, backoff, send_files
 from .encode import encode_classification, encode_segmentation
 from .errors import ConfigError, NodeError, PermanentError, RetryableError
 from .infer import ModelRuntime
-from .ingest import Ingest
+from .ingest import Ingest, serve_ingest_only
 from .manifest import discover, load_manifest
-from . import __version__
 from .store import FileStore
 from .volume import load_series
 
@@ -41,6 +43,8 @@ log = logging.getLogger("node.worker")
 
 MAX_JOB_ATTEMPTS = 3
 STALL_TIMEOUT_S = 300.0
+SWEEP_INTERVAL_S = 30.0
+HEARTBEAT_S = 30.0
 #: In ``data_dir``: what the running node is and which provider runs each model.
 STATUS_FILE = "status.json"
 
@@ -79,15 +83,24 @@ class Node:
         self._jobs_ready = threading.Event()
         self._deliveries_ready = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._ingest_processes: list[multiprocessing.process.BaseProcess] = []
 
     # ----------------------------------------------------------- lifecycle
     def start(self) -> None:
         removed = self.store.clean_tmp()
-        given_back = self.db.requeue_stalled(heartbeat_before=time.time() + 1)
+        given_back = self.db.requeue_stalled()
         if removed or given_back:
             log.info("recovered after restart: %d partial files removed, %d jobs/deliveries given back",
                      removed, given_back)
-        self.ingest.start()
+        extra = self.config.ingest.processes - 1
+        self.ingest.start(reuse_port=extra > 0)
+        spawn = multiprocessing.get_context("spawn")
+        for k in range(extra):
+            proc = spawn.Process(target=serve_ingest_only, args=(self.config,), name=f"ingest-{k + 2}", daemon=True)
+            proc.start()
+            self._ingest_processes.append(proc)
+        if extra:
+            log.info("%d ingest processes share port %d", extra + 1, self.config.node.port)
         self._write_status(started_at=time.time())
         for name, target in (("assemble", self._assemble_loop), ("infer", self._infer_loop),
                              ("deliver-1", self._deliver_loop), ("deliver-2", self._deliver_loop)):
@@ -97,7 +110,11 @@ class Node:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, let the current job and deliveries finish (up to ``timeout``)."""
+        for proc in self._ingest_processes:
+            proc.terminate()
         self.ingest.stop()
+        for proc in self._ingest_processes:
+            proc.join(15)
         self._stop.set()
         self._jobs_ready.set()
         self._deliveries_ready.set()
@@ -134,8 +151,17 @@ class Node:
     def _assemble_loop(self) -> None:
         timeout = self.config.ingest.series_timeout_s
         tick = min(1.0, max(0.1, timeout / 5))
+        next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+        next_purge = time.monotonic() + self.config.retention.check_interval_s
         while not self._stop.wait(tick):
             self.assemble_once(time.time() - timeout)
+            if time.monotonic() >= next_purge:
+                next_purge = time.monotonic() + self.config.retention.check_interval_s
+                self.purge_once()
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+                if n := self.db.requeue_stalled(heartbeat_before=time.time() - STALL_TIMEOUT_S):
+                    log.warning("gave back %d stalled jobs/deliveries", n)
 
     def assemble_once(self, quiet_since: float) -> int:
         """Assemble every series quiet since ``quiet_since``; returns how many."""
@@ -163,6 +189,24 @@ class Node:
                 self._deliveries_ready.set()
         return done
 
+    # ----------------------------------------------------------- retention
+    def purge_once(self) -> int:
+        """Remove the files of series delivered longer ago than the retention times."""
+        hours = self.config.retention.delete_after_h
+        if not hours:
+            return 0
+        purged = 0
+        for series_id in self.db.purgeable_series(time.time() - hours * 3600):
+            series = self.db.get_series(series_id)
+            files = self.db.series_paths(series_id) + self.db.series_results(series_id)
+            if not self.db.mark_purged(series_id):
+                continue          # an instance arrived meanwhile: the series is receiving again
+            removed = self.store.remove(files)
+            purged += 1
+            self.db.audit("node", "purged", series.series_uid, files=removed)
+            log.info("retention: removed %d files of series %s (the records stay)", removed, series.series_uid)
+        return purged
+
     # --------------------------------------------------------------- infer
     def _infer_loop(self) -> None:
         while not self._stop.is_set():
@@ -171,7 +215,25 @@ class Node:
                 self._jobs_ready.wait(1.0)
                 self._jobs_ready.clear()
                 continue
-            self.process_job(job)
+            with self._heartbeat(job.id):
+                self.process_job(job)
+
+    @contextlib.contextmanager
+    def _heartbeat(self, job_id: int) -> Iterator[None]:
+        """Keep a running job's heartbeat fresh, however long the model takes."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(HEARTBEAT_S):
+                self.db.heartbeat(job_id)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def process_job(self, job: JobRow) -> None:
         """Run one claimed job to done, queued (retry) or failed; never raises."""
@@ -193,6 +255,9 @@ class Node:
             self.db.fail_job(job.id, f"{type(exc).__name__}: {exc}", retry=again)
             return
         self.db.finish_job(job.id, files, summary, job.destinations)
+        self.db.audit("node", "result", series.series_uid, job_id=job.id, model=summary["model"],
+                      version=summary["version"], provider=summary["provider"], files=files,
+                      result_uids=summary.get("result_uids", []))
         log.info("%s done in %.2f s: %s", where, sum(summary["timings"].values()),
                  ", ".join(f"{k} {v:.2f}s" for k, v in summary["timings"].items()),
                  extra={"job_id": job.id, "timings": summary["timings"]})
@@ -208,11 +273,9 @@ class Node:
         t = time.perf_counter()
         volume = load_series([Path(p) for p in self.db.series_paths(job.series_id)])
         timings["decode"] = time.perf_counter() - t
-        self.db.heartbeat(job.id)
 
         prediction = runtime.run(volume)
         timings.update(prediction.timings)
-        self.db.heartbeat(job.id)
 
         t = time.perf_counter()
         job_key = f"{series_uid}|{manifest.name}|{manifest.version}"
@@ -230,6 +293,7 @@ class Node:
             summary["findings"] = [dict(name=f.name, probability=round(f.probability, 4), positive=f.positive,
                                         priority=f.priority) for f in findings]
         files = self._write_results(job.id, outputs)
+        summary["result_uids"] = [str(ds.SOPInstanceUID) for ds in outputs.values()]
         timings["encode"] = time.perf_counter() - t
         summary["timings"] = {k: round(v, 4) for k, v in timings.items()}
         return summary, files
@@ -281,6 +345,8 @@ class Node:
             error = f"{type(exc).__name__}: {exc}"
         if not error:
             self.db.finish_delivery(delivery.id)
+            self.db.audit("node", "delivered", f"delivery {delivery.id}", kind=delivery.kind,
+                          job_id=delivery.job_id, destination=str(peer), files=len(files))
             log.info("%s: %d files sent in %.2f s", where, len(files), time.perf_counter() - t,
                      extra={"delivery_id": delivery.id})
             return

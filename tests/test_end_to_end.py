@@ -122,6 +122,10 @@ def test_study_in_results_out(dcmtk, orthanc, make_node, tmp_path):
 
     jobs = node.cli("jobs")
     assert jobs.returncode == 0 and "done" in jobs.stdout and "Lungs" in jobs.stdout
+    audit = node.cli("audit").stdout              # who sent what; which model made which result
+    assert f"CTSCANNER@127.0.0.1      received   {phantom.series_uid}" in audit
+    assert "instances=32" in audit and "model=ct-tissue version=1.0.0" in audit
+    assert str(seg.SOPInstanceUID) in audit and "delivered" in audit
     assert "no usable GPU" in node.log_text()       # said once, in one line, then the CPU runs it
     assert node.log_text().count("no usable GPU") == 1
 
@@ -276,9 +280,78 @@ def test_failed_delivery_is_visible_and_retry_sends_it(dcmtk, make_node, tmp_pat
         job_id = jobs.split()[0].lstrip("#")
         retried = node.cli("retry", job_id)
         assert retried.returncode == 0 and "1 deliveries queued again" in retried.stdout
+        assert f"retry      job {job_id}" in node.cli("audit", "--action", "retry").stdout
         deadline = time.time() + 30
         while len(pacs.received) < 2 and time.time() < deadline:
             time.sleep(0.1)
         assert sorted(ds.Modality for _, ds in pacs.received) == ["SEG", "SR"]
     finally:
         pacs.stop()
+
+
+def _associate(port: int, aet: str = "FUZZER", bind: str = "127.0.0.1"):
+    from pynetdicom.sop_class import Verification
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title="AINODE", bind_address=(bind, 0))
+
+
+def test_only_allowed_callers_get_in(dcmtk, make_node):
+    node = make_node(allowed_calling_aets=["CTSCANNER", "PROBE"], allowed_addresses=["127.0.0.1/32"])
+    node.start()
+    echo = dcmtk.run("echoscu", "-aet", "INTRUDER", "-aec", "AINODE", "127.0.0.1", str(node.port), check=False)
+    assert echo.returncode != 0 and "Calling AE Title Not Recognized" in echo.stdout + echo.stderr
+    assert dcmtk.run("echoscu", "-aet", "CTSCANNER", "-aec", "AINODE", "127.0.0.1", str(node.port)).returncode == 0
+    assoc = _associate(node.port, "CTSCANNER", bind="127.0.0.2")   # allowed title, other address
+    assert assoc.is_rejected
+    log = node.log_text()
+    assert "INTRUDER at 127.0.0.1 rejected: calling AE title not in ingest.allowed_calling_aets" in log
+    assert "CTSCANNER at 127.0.0.2 rejected: address not in ingest.allowed_addresses" in log
+
+
+def test_association_limit_is_a_clear_refusal(make_node):
+    node = make_node()
+    node.config.write_text(node.config.read_text().replace('data_dir =', 'max_associations = 1\ndata_dir ='))
+    node.start()
+    first = _associate(node.port)
+    assert first.is_established
+    try:
+        second = _associate(node.port)
+        assert second.is_rejected
+        assert "node.max_associations (1) reached" in node.log_text()
+    finally:
+        first.release()
+
+
+def test_two_ingest_processes_share_the_port(dcmtk, make_node, tmp_path):
+    import concurrent.futures
+    node = make_node(processes=2).start()
+    series = [make_ct_series(tmp_path / f"ct{k}", slices=10, size=32, seed=k) for k in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        done = list(pool.map(lambda s: storescu(dcmtk, node, s.files), series))
+    assert all(d.returncode == 0 for d in done)
+    db = sqlite3.connect(node.data_dir / "node.db")
+    assert db.execute("select count(*) from instances").fetchone()[0] == 40
+    assert db.execute("select count(*) from series").fetchone()[0] == 4
+    assert "2 ingest processes share port" in node.log_text()
+    assert node.stop() == 0
+
+
+def test_retention_removes_files_after_delivery_and_keeps_records(dcmtk, orthanc, make_node, tmp_path):
+    node = make_node(orthanc)
+    node.config.write_text(node.config.read_text() + "[retention]\ndelete_after_h = 0.0005\ncheck_interval_s = 0.5\n")
+    node.start()
+    phantom = make_ct_series(tmp_path / "ct", slices=6, size=64)
+    storescu(dcmtk, node, phantom.files)
+    orthanc.wait_for(lambda: len(result_instances(orthanc, phantom.study_uid)) == 2, timeout=60,
+                     message="results delivered")
+    db = sqlite3.connect(node.data_dir / "node.db")
+    deadline = time.time() + 30
+    while db.execute("select status from series").fetchone()[0] != "purged" and time.time() < deadline:
+        time.sleep(0.2)
+    assert db.execute("select status from series").fetchone()[0] == "purged"
+    assert not list((node.data_dir / "images").rglob("*.dcm"))
+    assert not list((node.data_dir / "results").rglob("*.dcm"))
+    assert db.execute("select count(*) from instances").fetchone()[0] == 6      # the record stays
+    assert "Lungs" in node.cli("jobs").stdout
+    assert "purged" in node.cli("audit", "--action", "purged").stdout
