@@ -237,6 +237,8 @@ def _models_check(args: argparse.Namespace, config: Config, packages: dict[str, 
         spacing = tuple(spec.spacing) or (1.0, 1.0, 1.0)
     else:
         plane = tuple(int(v) for v in spec.size) or (128, 128)
+        if spec.kind == "image":                 # a larger, non-square image: resized on the way
+            plane = (2 * plane[0], 3 * plane[1] // 2)
         shape = (1 if spec.kind == "image" else max(2, spec.batch_size), *plane)
         spacing = (1.0, 1.0, 1.0)
     pixels = np.random.default_rng(0).normal(0, 100, shape).astype(np.float32)

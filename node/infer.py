@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -284,9 +284,15 @@ class ModelRuntime:
         return Prediction(masks=np.moveaxis(masks, 0, 3), provider=self.provider, timings=timings)
 
     def volume_input(self, volume: SeriesVolume) -> np.ndarray:
-        """The volume on the model's grid, intensity handled: ``(D, H, W)`` float32."""
-        x = apply_intensity(volume.pixels, intensity_for(volume, self.manifest.input))
-        return resample(x, target_shape(volume, self.manifest.input))
+        """The volume on the model's grid, intensity handled: ``(D, H, W)`` float32.
+
+        Inversion and window apply on the source grid; the normalisation, linear, on the
+        model's grid (the same result, and usually fewer voxels).
+        """
+        intensity = intensity_for(volume, self.manifest.input)
+        x = apply_intensity(volume.pixels, replace(intensity, gain=1.0, bias=0.0))
+        x = resample(x, target_shape(volume, self.manifest.input))
+        return apply_intensity(x, Intensity(gain=intensity.gain, bias=intensity.bias), out=x)
 
     def volume_scores(self, x: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
         """Sliding-window output over ``x``: ``(channels, D, H, W)`` on the model's grid.
@@ -326,6 +332,14 @@ class ModelRuntime:
         if m.output.kind == "labelmap" or m.output.decision == "argmax":
             wanted = (range(1, len(m.segments) + 1) if m.output.kind == "labelmap"
                       else [s.label for s in m.segments])
+            if len(scores) == 2:             # two channels: the argmax is the sign of the difference
+                for z, block in resample_chunks(scores[1] - scores[0], shape):  # type: ignore[arg-type]
+                    for k, channel in enumerate(wanted):
+                        if channel == 1:
+                            np.greater(block, 0, out=out[k, z:z + block.shape[0]])
+                        else:
+                            np.less_equal(block, 0, out=out[k, z:z + block.shape[0]])
+                return
             chunks = zip(*(resample_chunks(c, shape) for c in scores))  # type: ignore[arg-type]
             for blocks in chunks:
                 z = blocks[0][0]

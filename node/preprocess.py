@@ -71,13 +71,15 @@ def intensity_for(volume: SeriesVolume, spec: InputSpec) -> Intensity:
     gain, bias = 1.0, 0.0
     if spec.normalisation == "scale":
         gain, bias = spec.scale, spec.offset
+    elif spec.normalisation == "zscore" and spec.mean is not None and spec.std is not None:
+        gain = 1.0 / spec.std
+        bias = -spec.mean * gain
     elif spec.normalisation in ("zscore", "minmax"):
         x = apply_intensity(volume.pixels, Intensity(invert=invert, window=window))
         if spec.normalisation == "zscore":
-            mean, std = ((spec.mean, spec.std) if spec.mean is not None
-                         else (float(x.mean(dtype=np.float64)), float(x.std(dtype=np.float64))))
-            gain = 1.0 / max(float(std), MIN_RANGE)        # type: ignore[arg-type]
-            bias = -float(mean) * gain                     # type: ignore[arg-type]
+            mean, std = float(x.mean(dtype=np.float64)), float(x.std(dtype=np.float64))
+            gain = 1.0 / max(std, MIN_RANGE)
+            bias = -mean * gain
         else:
             low, high = float(x.min()), float(x.max())
             gain = 1.0 / max(high - low, MIN_RANGE)
@@ -85,14 +87,17 @@ def intensity_for(volume: SeriesVolume, spec: InputSpec) -> Intensity:
     return Intensity(invert=invert, window=window, gain=gain, bias=bias)
 
 
-def apply_intensity(x: np.ndarray, intensity: Intensity) -> np.ndarray:
-    """``x`` with the intensity handling applied, as a new float32 array."""
+def apply_intensity(x: np.ndarray, intensity: Intensity, out: np.ndarray | None = None) -> np.ndarray:
+    """``x`` with the intensity handling applied, as a new float32 array (or in ``out``)."""
+    out = np.empty(x.shape, dtype=np.float32) if out is None else out
+    source = x
     if intensity.invert is not None:
-        out = np.subtract(np.float32(intensity.invert), x, dtype=np.float32)
-    else:
-        out = np.array(x, dtype=np.float32, copy=True)
+        np.subtract(np.float32(intensity.invert), x, out=out, casting="unsafe")
+        source = out
     if intensity.window is not None:
-        np.clip(out, intensity.window[0], intensity.window[1], out=out)
+        np.clip(source, intensity.window[0], intensity.window[1], out=out, casting="unsafe")
+    elif source is not out:
+        np.copyto(out, source, casting="unsafe")
     if intensity.gain != 1.0:
         out *= np.float32(intensity.gain)
     if intensity.bias != 0.0:
@@ -189,10 +194,13 @@ def target_shape(volume: SeriesVolume, spec: InputSpec) -> tuple[int, int, int]:
 
 
 def resample(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Linear interpolation of an n-D array to ``shape``, same extent, float32."""
+    """Linear interpolation of an n-D array to ``shape``, same extent, float32.
+
+    Separable: the axes that shrink most go first, so the intermediate arrays stay small.
+    """
     out = np.asarray(x, dtype=np.float32)
-    for axis, n in enumerate(shape):
-        out = _lerp_axis(out, axis, n)
+    for axis in sorted(range(len(shape)), key=lambda a: shape[a] / x.shape[a]):
+        out = _lerp_axis(out, axis, shape[axis])
     return out
 
 

@@ -403,3 +403,24 @@ def test_image_model_refuses_a_stack(tmp_path):
         """, findings=[(0, "A", 0.5)]))
     with pytest.raises(InputError, match="takes one 2D image, series has 2"):
         rt.run(series(np.zeros((2, 40, 40)), "DX"))
+
+
+def test_volume_two_class_softmax_argmax(tmp_path):
+    folder = om.package(tmp_path, "two", om.pointwise3d([1.0, -1.0], [0.0, 0.2]), """
+        [input]
+        modalities = ["CT"]
+        kind = "volume"
+        size = [6, 9, 7]
+        patch_size = [4, 8, 8]
+        overlap = 0.25
+        [output]
+        kind = "probabilities"
+        activation = "softmax"
+        decision = "argmax"
+        """, segments=[(1, "second"), (0, "first")])
+    img = RNG.uniform(-1, 1, (5, 12, 10))
+    pred = runtime(folder).run(series(img))
+    x = ref_resample(img, (6, 9, 7))
+    back = [ref_resample(c, (5, 12, 10)) for c in (x, 0.2 - x)]    # logits back on the source grid
+    agree(pred.masks[..., 0], back[1] - back[0], 0.0)
+    assert np.array_equal(pred.masks[..., 1], ~pred.masks[..., 0])
