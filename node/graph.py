@@ -15,6 +15,7 @@ from .errors import ConfigError
 from .manifest import ModelManifest
 
 _ONNX_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
+_FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)")
 #: Spatial size of the synthetic warm-up input where neither graph nor manifest fixes one.
 DEFAULT_WARMUP_SIZE = 64
 DEFAULT_WARMUP_PATCH = 32
@@ -76,6 +77,9 @@ def check_graph(manifest: ModelManifest, inputs: list[Any], outputs: list[Any]) 
                           f"({', '.join(others)}); the node feeds exactly one")
     io = GraphIO(name_in, name_out, _shape(by_in[name_in].shape), _shape(by_out[name_out].shape),
                  by_in[name_in].type, by_out[name_out].type)
+    if m.output.kind != "labelmap" and io.output_type not in _FLOAT_TYPES:
+        raise ConfigError(f"model {m.name}: output {name_out!r} is {io.output_type}, but "
+                          f"output.kind = {m.output.kind!r} needs floating-point values")
     _check_input(m, io)
     check_output(m, io.output_shape, io.output_name)
     return io

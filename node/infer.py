@@ -274,6 +274,15 @@ class ModelRuntime:
         t = time.perf_counter()
         x = self.volume_input(volume)
         timings["preprocess"] = time.perf_counter() - t
+        if m.task == "classification":            # the whole volume on the model's grid, once
+            t = time.perf_counter()
+            batch = x[None, None] if m.input.layout == "NCDHW" else x[None, ..., None]
+            y = self.infer(np.ascontiguousarray(batch, dtype=self._np_dtype))
+            timings["run"] = time.perf_counter() - t
+            t = time.perf_counter()
+            scores = _activate(y.reshape(1, -1).astype(np.float32), m.output.activation, axis=1)[0]
+            timings["postprocess"] = time.perf_counter() - t
+            return Prediction(scores=scores, provider=self.provider, timings=timings)
         t = time.perf_counter()
         scores = self.volume_scores(x, timings)
         timings["postprocess"] += time.perf_counter() - t - timings["run"]

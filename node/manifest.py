@@ -227,6 +227,9 @@ def _parse(top: Table, directory: Path) -> ModelManifest:
     else:
         if not findings:
             raise ConfigError("findings: a classification model needs at least one [[findings]]")
+        if spec_in.patch_size:
+            raise ConfigError("input.patch_size: a classification model sees the whole volume "
+                              "at once; give input.size or input.spacing")
         if spec_out.kind != "scores":
             raise ConfigError("output.kind: a classification model gives scores")
 

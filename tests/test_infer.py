@@ -424,3 +424,29 @@ def test_volume_two_class_softmax_argmax(tmp_path):
     back = [ref_resample(c, (5, 12, 10)) for c in (x, 0.2 - x)]    # logits back on the source grid
     agree(pred.masks[..., 0], back[1] - back[0], 0.0)
     assert np.array_equal(pred.masks[..., 1], ~pred.masks[..., 0])
+
+
+def test_volume_classifier_sees_the_resampled_volume(tmp_path):
+    import onnx
+    from onnx import helper, numpy_helper
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1, 2, 3, 4], keepdims=0),
+             helper.make_node("Unsqueeze", ["m", "one"], ["y"])]
+    graph = helper.make_graph(nodes, "cls3d",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 10, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+                              [numpy_helper.from_array(np.array([1], np.int64), "one")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    rt = runtime(om.package(tmp_path, "cls3d", model, """
+        task = "classification"
+        [input]
+        modalities = ["CT"]
+        kind = "volume"
+        size = [8, 10, 12]
+        [output]
+        kind = "scores"
+        activation = "sigmoid"
+        """, findings=[(0, "A", 0.5)]))
+    img = RNG.normal(0.3, 1, (6, 20, 16))
+    pred = rt.run(series(img))
+    assert np.allclose(pred.scores, sigmoid(ref_resample(img, (8, 10, 12)).mean()), atol=1e-5)

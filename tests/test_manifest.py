@@ -71,6 +71,17 @@ def test_bad_input_keys_are_named(tmp_path, lines, message):
     assert message in str(exc.value) and "model.toml" in str(exc.value)
 
 
+def test_a_classifier_takes_no_patches(tmp_path):
+    folder = om.package(tmp_path, "c3", om.conv2d(W3, np.zeros(3)), """
+        task = "classification"
+        [input]
+        kind = "volume"
+        patch_size = [8, 8, 8]
+        """, findings=[(0, "A", 0.5)])
+    with pytest.raises(ConfigError, match="input.patch_size: a classification model sees the whole volume"):
+        load_manifest(folder)
+
+
 def test_sop_class_keywords_become_uids(tmp_path):
     m = load_manifest(_seg(tmp_path, 'sop_classes = ["DigitalXRayImageStorageForPresentation", "1.2.3.4"]'))
     assert m.input.sop_classes == ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.4")
@@ -90,6 +101,7 @@ def _refused(folder: Path) -> str:
     ("channels", "output 'y' [?, 3, ?, ?] has 3 channels, but segments use channel up to 3"),
     ("layout", "input 'x' [?, 1, ?, ?] has a spatial dimension fixed at 1 in layout NHWC"),
     ("warm-up", "warm-up run on a [1, 1, 64, 64] input failed"),
+    ("output dtype", "output 'y' is tensor(int64), but output.kind = 'probabilities' needs floating-point values"),
 ])
 def test_manifest_that_does_not_fit_its_graph(tmp_path, case, message):
     folder = {
@@ -99,6 +111,7 @@ def test_manifest_that_does_not_fit_its_graph(tmp_path, case, message):
         "dtype": lambda: _seg(tmp_path, 'dtype = "float16"'),
         "channels": lambda: _seg(tmp_path, segments=((0, "a"), (3, "b"))),
         "layout": lambda: _seg(tmp_path, 'layout = "NHWC"'),    # the graph is NCHW
+        "output dtype": lambda: _seg(tmp_path, model=om.labels([0.5], "NCHW")),
         "warm-up": lambda: _seg(tmp_path, model=om.conv2d(np.ones((3, 2, 3, 3), np.float32),
                                                           np.zeros(3), input_shape=["N", "C", "H", "W"])),
     }[case]()
