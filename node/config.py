@@ -66,6 +66,15 @@ class DeliverySection:
 
 
 @dataclass(frozen=True)
+class TlsSection:
+    enabled: bool = False            # the listener speaks DICOM TLS only
+    cert_file: str = ""              # our certificate (PEM), for the listener and as client cert
+    key_file: str = ""
+    ca_file: str = ""                # CAs that sign peers' certificates
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
 class RetentionSection:
     delete_after_h: float = 0.0      # images and results, after their results were delivered; 0: keep
     check_interval_s: float = 60.0
@@ -77,6 +86,7 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,7 @@ class Config:
     inference: InferenceSection = field(default_factory=InferenceSection)
     delivery: DeliverySection = field(default_factory=DeliverySection)
     retention: RetentionSection = field(default_factory=RetentionSection)
+    tls: TlsSection = field(default_factory=TlsSection)
     destinations: tuple[Destination, ...] = ()
     routes: tuple[Route, ...] = ()
 
@@ -186,13 +197,24 @@ def parse_config(data: dict[str, Any]) -> Config:
     if retention.delete_after_h < 0:
         raise ConfigError("retention.delete_after_h: must be 0 (keep forever) or more")
 
+    t = top.table("tls")
+    tls = TlsSection(enabled=t.get("enabled", bool, False), cert_file=t.get("cert_file", str, ""),
+                     key_file=t.get("key_file", str, ""), ca_file=t.get("ca_file", str, ""),
+                     require_client_cert=t.get("require_client_cert", bool, False))
+    t.done()
+    if tls.enabled and not tls.cert_file:
+        raise ConfigError("tls.cert_file: the TLS listener needs a certificate")
+    if tls.require_client_cert and not tls.ca_file:
+        raise ConfigError("tls.ca_file: needed to verify client certificates (tls.require_client_cert)")
+
     destinations = []
     for t in top.tables("destinations"):
         destinations.append(Destination(
             name=t.require("name", str),
             ae_title=_ae_title(t.require("ae_title", str), f"{t.where}.ae_title"),
             host=t.require("host", str),
-            port=_port(t.require("port", int), f"{t.where}.port")))
+            port=_port(t.require("port", int), f"{t.where}.port"),
+            tls=t.get("tls", bool, False)))
         t.done()
     names = [x.name for x in destinations]
     for name in names:
@@ -219,7 +241,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         routes.append(route)
     top.done()
     return Config(node=node, ingest=ingest, inference=inference, delivery=delivery, retention=retention,
-                  destinations=tuple(destinations), routes=tuple(routes))
+                  tls=tls, destinations=tuple(destinations), routes=tuple(routes))
 
 
 def _match(value: Any, where: str) -> tuple[tuple[str, tuple[str, ...]], ...]:

@@ -225,6 +225,15 @@ class Database:
         """Create missing tables (idempotent)."""
         Base.metadata.create_all(self.engine)
 
+    @property
+    def shared(self) -> bool:
+        """True for a server database that several nodes may share (not SQLite)."""
+        return self.engine.dialect.name != "sqlite"
+
+    def drop_all(self) -> None:
+        """Remove every table (tests only)."""
+        Base.metadata.drop_all(self.engine)
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -310,7 +319,8 @@ class Database:
         """Take the most urgent, then oldest, queued job by setting it running."""
         now = time.time() if now is None else now
         pick = (select(Job.id).where(Job.status == JobStatus.QUEUED.value)
-                .order_by(Job.priority, Job.created_at, Job.id).limit(1).scalar_subquery())
+                .order_by(Job.priority, Job.created_at, Job.id).limit(1)
+                .with_for_update(skip_locked=True).scalar_subquery())   # PostgreSQL; SQLite ignores it
         stmt = (update(Job).where(Job.id == pick, Job.status == JobStatus.QUEUED.value)
                 .values(status=JobStatus.RUNNING.value, claimed_at=now, heartbeat_at=now,
                         attempts=Job.attempts + 1)
@@ -376,7 +386,8 @@ class Database:
         now = time.time() if now is None else now
         pick = (select(Delivery.id).where(Delivery.status == DeliveryStatus.PENDING.value,
                                           Delivery.next_attempt_at <= now)
-                .order_by(Delivery.next_attempt_at, Delivery.id).limit(1).scalar_subquery())
+                .order_by(Delivery.next_attempt_at, Delivery.id).limit(1)
+                .with_for_update(skip_locked=True).scalar_subquery())
         stmt = (update(Delivery).where(Delivery.id == pick, Delivery.status == DeliveryStatus.PENDING.value)
                 .values(status=DeliveryStatus.SENDING.value, attempts=Delivery.attempts + 1,
                         next_attempt_at=now + lease_s)
@@ -400,6 +411,18 @@ class Database:
             values.update(status=DeliveryStatus.PENDING.value, next_attempt_at=next_attempt_at)
         with self.engine.begin() as conn:
             conn.execute(update(Delivery).where(Delivery.id == delivery_id).values(**values))
+
+    def hold_destination(self, destination: str, until: float) -> int:
+        """Push every pending delivery to ``destination`` to ``until`` at the earliest.
+
+        After a failed attempt the destination is presumed down until its next retry, so
+        its other deliveries wait too instead of each hammering it (no retry storms).
+        Attempts are not counted for them. Returns how many were held.
+        """
+        with self.engine.begin() as conn:
+            return conn.execute(update(Delivery).where(
+                Delivery.destination == destination, Delivery.status == DeliveryStatus.PENDING.value,
+                Delivery.next_attempt_at < until).values(next_attempt_at=until)).rowcount
 
     def next_delivery_due(self) -> float | None:
         with self.engine.connect() as conn:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import ssl
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Iterable, Sequence
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 from .errors import DeliveryError
@@ -36,6 +38,7 @@ class Peer:
     ae_title: str
     host: str
     port: int
+    tls: ssl.SSLContext | None = field(default=None, compare=False)   # None: plain TCP
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -80,9 +83,7 @@ def echo(peer: Peer, calling_ae: str = "AINODE", timeout: float = 10.0) -> int:
     """
     ae = _ae(calling_ae, timeout)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-    if not assoc.is_established:
-        raise DeliveryError(f"{peer}: association {_why(assoc)}")
+    assoc = _associate(ae, peer)
     try:
         status = assoc.send_c_echo()
     finally:
@@ -134,9 +135,7 @@ def send_files(paths: Sequence[Path], peer: Peer, calling_ae: str = "AINODE",
     for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, list(syntaxes))
 
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-    if not assoc.is_established:
-        raise DeliveryError(f"{peer}: association {_why(assoc)}")
+    assoc = _associate(ae, peer)
     tune(assoc)
     try:
         accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
@@ -161,6 +160,19 @@ def send_files(paths: Sequence[Path], peer: Peer, calling_ae: str = "AINODE",
         if assoc.is_established:
             assoc.release()
     return report
+
+
+def _associate(ae: AE, peer: Peer) -> Association:
+    """Open an association (over TLS when the peer has a context).
+
+    Raises:
+        DeliveryError: it could not be made.
+    """
+    tls_args = (peer.tls, peer.host) if peer.tls is not None else None
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    if not assoc.is_established:
+        raise DeliveryError(f"{peer}{' (TLS)' if peer.tls else ''}: association {_why(assoc)}")
+    return assoc
 
 
 def _why(assoc: object) -> str:

@@ -175,11 +175,12 @@ def _summary(node, pacs, phantom, sent_at, t_send, t_total) -> int:  # type: ign
     timings = job["summary"]["timings"]
     delivered = max(when for when, _ in pacs.received)
     print("6. time per stage:")
-    print(f"   ingest (C-STORE of {phantom.shape[0]} instances)  {t_send:6.2f} s")
-    print(f"   series quiet time (configured)            {node.config.ingest.series_timeout_s:6.2f} s")
-    for stage, seconds in timings.items():
+    rows = [(f"ingest (C-STORE of {phantom.shape[0]} instances)", t_send),
+            ("series quiet time (configured)", node.config.ingest.series_timeout_s),
+            *timings.items(),
+            ("delivery (job done -> PACS has SEG + SR)", delivered - job["finished_at"]),
+            ("from last instance sent to results back", delivered - sent_at),
+            ("whole demo", t_total)]
+    for stage, seconds in rows:
         print(f"   {stage:42s}{seconds:6.2f} s")
-    print(f"   delivery (job done -> PACS has SEG + SR)  {delivered - job['finished_at']:6.2f} s")
-    print(f"   from last instance sent to results back   {delivered - sent_at:6.2f} s")
-    print(f"   whole demo                                {t_total:6.2f} s")
     return 0

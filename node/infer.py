@@ -82,7 +82,9 @@ class ModelRuntime:
                  warm_up: bool = True) -> None:
         self.manifest = manifest
         if not manifest.onnx_path.is_file():
-            raise ConfigError(f"model {manifest.name}: {manifest.onnx_path} is missing")
+            hint = manifest.directory / "build.py"
+            raise ConfigError(f"model {manifest.name}: {manifest.onnx_path} is missing"
+                              + (f" (build it: python {hint})" if hint.is_file() else ""))
         chosen = choose_providers(providers)
         options = ort.SessionOptions()
         options.log_severity_level = 3   # errors only: a missing GPU is reported by us, once

@@ -14,14 +14,12 @@ import socket
 import socketserver
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
@@ -36,6 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from .config import Config
 from .db import Database, InstanceRecord
 from .store import FileStore, valid_uid
+from .tls import server_context
 from .transport import FastRequestHandler
 
 log = logging.getLogger("node.ingest")
@@ -115,13 +114,15 @@ class Ingest:
             (evt.EVT_RELEASED, self._on_released),
         ]
         address = (self.config.node.host, self.config.node.port)
-        server = self.ae.make_server(address, evt_handlers=handlers,
+        ssl_context = server_context(self.config.tls) if self.config.tls.enabled else None
+        server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context,
                                      server_class=ReusePortServer if reuse_port else ThreadedAssociationServer,
                                      request_handler=FastRequestHandler)
         thread = threading.Thread(target=server.serve_forever, name="ingest-server", daemon=True)
         thread.start()
         self._server = server
-        log.info("listening as %s on %s:%d", self.config.node.ae_title, address[0], self.port,
+        log.info("listening as %s on %s:%d%s", self.config.node.ae_title, address[0], self.port,
+                 " (DICOM TLS)" if ssl_context else "",
                  extra={"ae_title": self.config.node.ae_title, "port": self.port})
 
     def stop(self) -> None:
@@ -307,8 +308,8 @@ def read_header(stream: BytesIO, transfer_syntax: str, sop_uid: str, sop_class_u
     try:
         ds = decode(stream, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
         values = {k: _text(ds, k) for k in _HEADER_KEYS + ("SOPClassUID",)}
-    except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError, IndexError,
-            OverflowError, UnicodeError, AttributeError, NotImplementedError, zlib.error) as exc:
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any failure to parse is a refusal
+        # (seen: ValueError, EOFError, struct.error, zlib.error, KeyError, UnicodeError, ...)
         raise Refused(CANNOT_UNDERSTAND, f"data set cannot be decoded: {type(exc).__name__}: {exc}") from None
     finally:
         stream.seek(0)

@@ -32,11 +32,12 @@ from .config import Config
 from .db import Database, DeliveryRow, JobRow
 from .deliver import Peer, backoff, send_files
 from .encode import encode_classification, encode_segmentation
-from .errors import ConfigError, NodeError, PermanentError, RetryableError
+from .errors import ConfigError, NodeError, PermanentError
 from .infer import ModelRuntime
 from .ingest import Ingest, serve_ingest_only
 from .manifest import discover, load_manifest
 from .store import FileStore
+from .tls import client_context
 from .volume import load_series
 
 log = logging.getLogger("node.worker")
@@ -79,6 +80,7 @@ class Node:
         self.db.create()
         self.models = load_models(config)
         self.ingest = Ingest(config, self.store, self.db)
+        self._client_tls = client_context(config.tls) if any(d.tls for d in config.destinations) else None
         self._stop = threading.Event()
         self._jobs_ready = threading.Event()
         self._deliveries_ready = threading.Event()
@@ -88,7 +90,9 @@ class Node:
     # ----------------------------------------------------------- lifecycle
     def start(self) -> None:
         removed = self.store.clean_tmp()
-        given_back = self.db.requeue_stalled()
+        # Alone on SQLite, whatever is in flight was ours; on a shared database only work
+        # whose heartbeat stopped is given back (another node may be running the rest).
+        given_back = self.db.requeue_stalled(time.time() - STALL_TIMEOUT_S if self.db.shared else None)
         if removed or given_back:
             log.info("recovered after restart: %d partial files removed, %d jobs/deliveries given back",
                      removed, given_back)
@@ -243,9 +247,9 @@ class Node:
             summary, files = self._run_job(job, series.series_uid)
         except PermanentError as exc:
             log.error("%s failed: %s", where, exc, extra={"job_id": job.id})
-            self.db.fail_job(job.id, str(exc))
+            self.db.fail_job(job.id, f"{type(exc).__name__}: {exc}")
             return
-        except (RetryableError, Exception) as exc:  # noqa: BLE001 - unknown errors get a bounded retry
+        except Exception as exc:  # noqa: BLE001 - retryable and unknown errors get a bounded retry
             again = job.attempts < MAX_JOB_ATTEMPTS
             if isinstance(exc, NodeError):
                 log.error("%s: %s (attempt %d%s)", where, exc, job.attempts, ", will retry" if again else "")
@@ -333,7 +337,7 @@ class Node:
             return
         files = (self.db.job_results(delivery.job_id) if delivery.job_id is not None
                  else self.db.series_paths(delivery.series_id))
-        peer = Peer(dest.ae_title, dest.host, dest.port)
+        peer = Peer(dest.ae_title, dest.host, dest.port, self._client_tls if dest.tls else None)
         t = time.perf_counter()
         try:
             report = send_files([Path(f) for f in files], peer, self.config.node.ae_title, cfg.timeout_s)
@@ -357,4 +361,5 @@ class Node:
         else:
             delay = backoff(delivery.attempts, cfg.backoff_s, cfg.backoff_max_s)
             self.db.defer_delivery(delivery.id, error, time.time() + delay)
+            self.db.hold_destination(delivery.destination, time.time() + delay)
             log.warning("%s attempt %d failed: %s; next try in %.0f s", where, delivery.attempts, error, delay)

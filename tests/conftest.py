@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -414,3 +415,45 @@ def orthanc_factory(tmp_path_factory: pytest.TempPathFactory,
         server.process.terminate()
     for server in servers:
         server.stop()
+
+
+# --- the node's reference model ---------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder with ct-tissue built by its own script (the repository stays clean)."""
+    from nodeproc import build_models
+    return build_models(tmp_path_factory.mktemp("models"))
+
+
+# --- PostgreSQL (the queue's second backend) ---------------------------------------------
+
+PG_BIN = Path("/usr/lib/postgresql")
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throw-away PostgreSQL server on a free loopback port; yields a SQLAlchemy URL."""
+    versions = sorted(PG_BIN.glob("*/bin/initdb"))
+    if not versions:
+        pytest.fail("PostgreSQL not found (apt-get install postgresql; see .ci/run)", pytrace=False)
+    bindir = versions[-1].parent
+    # Not under pytest's folder: that one is private to root, and the server runs as postgres.
+    folder = Path(tempfile.mkdtemp(prefix="ainode-postgres-"))
+    data, log = folder / "data", folder / "postgres.log"
+    as_user: list[str] = []
+    if os.geteuid() == 0:                        # PostgreSQL refuses to run as root
+        shutil.chown(folder, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+                    "--no-sync"], check=True, capture_output=True, timeout=120)
+    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "start", "-o",
+                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"],
+                   check=True, capture_output=True, timeout=120)
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""The queue's contract, on a real SQLite file: states, claims, priorities, recovery."""
+"""The queue's contract, on each backend (a SQLite file, a PostgreSQL server): states, claims,
+priorities, recovery."""
 
 import threading
 import time
@@ -8,9 +9,13 @@ import pytest
 from node.db import Database, InstanceRecord, JobSpec
 
 
-@pytest.fixture
-def db(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 'node.db'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path):
+    if request.param == "sqlite":
+        database = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    else:
+        database = Database(request.getfixturevalue("postgres_url"))
+        database.drop_all()
     database.create()
     database.create()   # idempotent
     yield database
@@ -31,6 +36,8 @@ def assembled_series(db, series="1.2.3", jobs=(), now=100.0):
 
 
 def test_wal_mode_is_on(db):
+    if db.shared:
+        return                                   # PostgreSQL has no journal mode to check
     with db.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
 
@@ -130,3 +137,19 @@ def test_reassembly_after_late_instance_requeues_the_job(db):
     row = db.quiet_series(201.0)[0]
     assert db.assemble(row.id, row.last_received_at, [JobSpec("m", ("r",), (), 2)], [], {})
     assert db.claim_job().id == job.id            # same job row, queued again
+
+
+def test_a_failing_destination_holds_its_other_deliveries(db):
+    for i in range(5):
+        assembled_series(db, f"1.{i + 1}", [JobSpec("m", ("r",), ("dead",), 2)])
+        job = db.claim_job()
+        db.finish_job(job.id, [], {}, ["dead", "alive"] if i == 4 else ["dead"])
+    first = db.claim_delivery()
+    assert first.destination == "dead"
+    later = time.time() + 3600
+    db.defer_delivery(first.id, "refused", later)
+    assert db.hold_destination("dead", later) == 4
+    due = db.claim_delivery()
+    assert due.destination == "alive"                 # other destinations are not held up
+    assert db.claim_delivery() is None               # the dead one is not tried again meanwhile
+    assert {d["attempts"] for d in db.deliveries_report() if d["destination"] == "dead"} == {0, 1}

@@ -18,16 +18,11 @@ from pynetdicom import AE
 
 from conftest import free_port
 from node.phantom import make_ct_series
-from nodeproc import REPO, NodeProcess, build_models, write_config
+from nodeproc import REPO, NodeProcess, write_config
 
 VALIDATOR = REPO / "tests" / "tools" / "validate_dicom.sh"   # copy of the CI gate
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
-
-
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory):
-    return build_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture

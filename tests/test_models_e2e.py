@@ -148,9 +148,9 @@ def test_jobs_that_cannot_run_fail_clearly_and_others_succeed(dcmtk, start_node,
     by = {(j["accession"], j["model"]): j for j in jobs}
     assert len(jobs) == 5
     assert by[("ONE", "chest-xray-demo")]["status"] == "failed"
-    assert by[("ONE", "chest-xray-demo")]["error"] == "model chest-xray-demo takes DX, CR, series is CT"
+    assert by[("ONE", "chest-xray-demo")]["error"] == "InputError: model chest-xray-demo takes DX, CR, series is CT"
     assert by[("ONE", "vol3d")]["status"] == "failed"
-    assert by[("ONE", "vol3d")]["error"] == ("model vol3d takes a 3D volume, series has 1 image "
+    assert by[("ONE", "vol3d")]["error"] == ("InputError: model vol3d takes a 3D volume, series has 1 image "
                                               "(at least 2 slices needed)")
     assert by[("CT", "chest-xray-demo")]["status"] == "failed"
     assert by[("CT", "vol3d")]["status"] == "done"
@@ -161,5 +161,5 @@ def test_jobs_that_cannot_run_fail_clearly_and_others_succeed(dcmtk, start_node,
     # failed jobs are final at the first attempt: the input can never work
     assert all(j["attempts"] == 1 for j in jobs if j["status"] == "failed")
     text = node.cli("jobs").stdout
-    assert "error: model chest-xray-demo takes DX, CR, series is CT" in text
+    assert "error: InputError: model chest-xray-demo takes DX, CR, series is CT" in text
     assert node.echo()
