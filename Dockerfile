@@ -42,7 +42,9 @@ RUN pip install ".[gpu]" "$ORT_GPU_SPEC" \
 # Models: the ONNX files are built here, not committed.
 COPY models /opt/ainode/models
 RUN python3 /opt/ainode/models/ct-tissue/build.py \
- && test -s /opt/ainode/models/ct-tissue/model.onnx
+ && python3 /opt/ainode/models/chest-xray-demo/build.py \
+ && test -s /opt/ainode/models/ct-tissue/model.onnx \
+ && test -s /opt/ainode/models/chest-xray-demo/model.onnx
 
 # Configuration: the repository's default, with the container's absolute paths.
 COPY config/node.toml /etc/ainode/node.toml

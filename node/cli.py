@@ -167,13 +167,46 @@ def _db(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return db
 
 
+def node_status(config: Config) -> dict | None:
+    """What ``data_dir/status.json`` says about the node, with ``running`` worked out."""
+    from .worker import STATUS_FILE
+
+    path = config.node.data_dir / STATUS_FILE
+    if not path.is_file():
+        return None
+    status = json.loads(path.read_text())
+    running = "stopped_at" not in status
+    if running:
+        try:
+            os.kill(int(status["pid"]), 0)
+        except ProcessLookupError:
+            running = False          # killed without a graceful stop
+        except PermissionError:
+            pass
+    status["running"] = running
+    return status
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    config = _config(args.config)
     db = _db(args)
     counts = db.counts()
+    node = node_status(config)
     if args.json:
-        print(json.dumps(counts, indent=2))
+        print(json.dumps({"node": node, **counts}, indent=2))
         return 0
-    print(f"database: {db.url}")
+    if node is None:
+        print("node:       never started with this data_dir")
+    else:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(node["started_at"]))
+        state = f"running, pid {node['pid']}" if node["running"] else "not running"
+        print(f"node:       {state}; started {since}; {node['ae_title']} on {node['host']}:{node['port']}")
+        for name, m in node["models"].items():
+            binding = f", IOBinding on {m['io_binding']}" if m.get("io_binding") else ""
+            demo = ", DEMONSTRATION" if m.get("demonstration") else ""
+            print(f"model:      {name} {m['version']} ({m['task']}, {m['kind']}) on {m['provider']}"
+                  f"{binding}; warm-up {1000 * m['warmup_s']:.0f} ms{demo}")
+    print(f"database:   {db.url}")
     for name in ("instances", "series", "jobs", "deliveries", "notifications"):
         parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.get(name, {}).items())) or "none"
         print(f"{name:13s} {parts}")
@@ -316,23 +349,32 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .manifest import discover, load_manifest
+    from .manifest import discover
 
     config = _config(args.config)
     packages = discover(config.inference.models_dir)
     if args.action == "list":
-        if not packages:
-            print(f"no model packages in {config.inference.models_dir}")
-        for name, folder in packages.items():
-            try:
-                m = load_manifest(folder)
-                onnx = "model.onnx present" if m.onnx_path.is_file() else "model.onnx MISSING"
-                demo = " DEMONSTRATION" if m.demonstration else ""
-                print(f"{name:20s} {m.version:8s} {m.task:14s} {m.input.kind:7s} {onnx}{demo}")
-            except ConfigError as exc:
-                print(f"{name:20s} INVALID: {exc}")
-        return 0
+        return _models_list(config, packages)
     return _models_check(args, config, packages)
+
+
+def _models_list(config: Config, packages: dict[str, Path]) -> int:
+    from .manifest import load_manifest
+
+    if not packages:
+        print(f"no model packages in {config.inference.models_dir}")
+    for name, folder in packages.items():
+        routes = [r.name for r in config.routes if name in r.models]
+        routed = f"routes: {', '.join(routes)}" if routes else "no route"
+        try:
+            m = load_manifest(folder)
+        except ConfigError as exc:
+            print(f"{name:20s} INVALID: {exc}")
+            continue
+        status = "ok" if m.onnx_path.is_file() else "model.onnx MISSING"
+        demo = " DEMONSTRATION" if m.demonstration else ""
+        print(f"{name:20s} {m.version:8s} {m.task:14s} {m.input.kind:7s} {status:18s} {routed}{demo}")
+    return 0
 
 
 def _models_check(args: argparse.Namespace, config: Config, packages: dict[str, Path]) -> int:
@@ -345,17 +387,34 @@ def _models_check(args: argparse.Namespace, config: Config, packages: dict[str, 
     if args.name not in packages:
         print(f"no model {args.name!r} in {config.inference.models_dir}", file=sys.stderr)
         return 2
+    t = time.perf_counter()
     runtime = ModelRuntime(load_manifest(packages[args.name]), config.inference.providers)
+    load_s = time.perf_counter() - t
     m = runtime.manifest
-    n = 1 if m.input.kind == "image" else max(2, m.input.batch_size)
-    size = tuple(int(s) for s in m.input.size[-2:]) or (128, 128)
-    pixels = np.random.default_rng(0).normal(0, 100, (n, *size)).astype(np.float32)
-    volume = SeriesVolume(pixels=pixels, headers=(), spacing=(1.0, 1.0, 1.0),
-                          modality=(m.input.modalities or ("OT",))[0], monochrome1=False)
+    spec = m.input
+    if spec.kind == "volume":
+        shape = tuple(int(1.5 * p) for p in spec.patch_size) or tuple(int(v) for v in spec.size) or (48, 48, 48)
+        spacing = tuple(spec.spacing) or (1.0, 1.0, 1.0)
+    else:
+        plane = tuple(int(v) for v in spec.size) or (128, 128)
+        if spec.kind == "image":                 # a larger, non-square image: resized on the way
+            plane = (2 * plane[0], 3 * plane[1] // 2)
+        shape = (1 if spec.kind == "image" else max(2, spec.batch_size), *plane)
+        spacing = (1.0, 1.0, 1.0)
+    pixels = np.random.default_rng(0).normal(0, 100, shape).astype(np.float32)
+    volume = SeriesVolume(pixels=pixels, headers=(), spacing=spacing,  # type: ignore[arg-type]
+                          modality=(spec.modalities or ("OT",))[0], monochrome1=False,
+                          orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+                          positions=tuple((0.0, 0.0, spacing[0] * k) for k in range(shape[0])))
     pred = runtime.run(volume)
-    shape = pred.masks.shape if pred.masks is not None else pred.scores.shape  # type: ignore[union-attr]
-    print(f"{m.name} {m.version}: OK on {runtime.provider}; synthetic input {pixels.shape} -> {shape}; "
-          + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in pred.timings.items()))
+    out = pred.masks.shape if pred.masks is not None else pred.scores.shape  # type: ignore[union-attr]
+    binding = f", IOBinding on {runtime.bind_device}" if runtime.bind_device else ""
+    print(f"{m.name} {m.version}: OK on {runtime.provider}{binding}")
+    print(f"  graph: {runtime.graph.describe()}")
+    print(f"  loaded and checked in {1000 * load_s:.0f} ms (warm-up run {1000 * runtime.warmup_s:.0f} ms)")
+    print(f"  synthetic {spec.kind} input {shape} -> {'masks' if pred.masks is not None else 'scores'} "
+          f"{out}: " + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in pred.timings.items())
+          + f", total {1000 * sum(pred.timings.values()):.0f} ms")
     return 0
 
 

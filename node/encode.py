@@ -34,13 +34,14 @@ MANUFACTURER = "pacs-ai-node"
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:pacs-ai-node:result-uid")
 _MILLILITER = Code("ml", "UCUM", "milliliter")
 _NO_UNITS = Code("1", "UCUM", "no units")
-_PROCEDURES = {      # CID 100 Quantitative Diagnostic Imaging Procedures, by Modality
+# CID 100 Quantitative Diagnostic Imaging Procedures, by Modality. Radiographs (CR, DX) get the
+# generic "Imaging procedure": "XR unspecified body region" (LN 43468-8) joined CID 100 only in
+# recent editions, and validators built on older ones (PixelMed 2022) refuse it.
+_PROCEDURES = {
     "CT": Code("25045-6", "LN", "CT unspecified body region"),
     "MR": Code("25056-3", "LN", "MRI unspecified body region"),
     "PT": Code("44136-0", "LN", "PET unspecified body region"),
     "NM": Code("49118-3", "LN", "NM unspecified body region"),
-    "CR": Code("43468-8", "LN", "XR unspecified body region"),
-    "DX": Code("43468-8", "LN", "XR unspecified body region"),
 }
 _PRIORITIES = {
     "stat": Code("49499008", "SCT", "Stat"),
@@ -86,28 +87,34 @@ class FindingResult:
 
 
 def encode_segmentation(sources: Sequence[pydicom.Dataset], masks: np.ndarray,
-                        manifest: ModelManifest, job_key: str) -> SegmentationResult:
+                        manifest: ModelManifest, job_key: str,
+                        frames: Sequence[int] = ()) -> SegmentationResult:
     """Encode per-segment masks of a series as a SEG and a volumetric TID 1500 SR.
 
-    ``sources`` are the series' single-frame images (headers suffice) in the order of
-    ``masks`` axis 0; ``masks`` is boolean ``(slices, rows, columns, segments)`` with channel
-    ``i`` being ``manifest.segments[i]``. Segments may overlap and may be empty.
+    ``sources`` are the series' images (headers suffice) in the order of ``masks`` axis 0;
+    ``masks`` is boolean ``(slices, rows, columns, segments)`` with channel ``i`` being
+    ``manifest.segments[i]``. Segments may overlap and may be empty. For an enhanced
+    multi-frame image, ``sources`` repeats its dataset once per slice and ``frames`` gives
+    each slice's 1-based frame number (as :class:`~node.volume.SeriesVolume` has them).
 
     Raises:
         InputError: the masks do not match the sources or the manifest, or the series
             geometry cannot give a slice spacing.
     """
-    _check_masks(sources, masks, manifest)
+    images, geometry, order = _sources(sources, frames)
+    _check_masks(geometry, masks, manifest)
     planes = _channel_planes(masks)
     counts = _voxel_counts(planes)
-    volumes = _volumes(sources, counts, manifest)
+    volumes = _volumes(geometry, counts, manifest)
 
     tracking_uids = tuple(derive_uid(job_key, f"segment-{i + 1}")
                           for i in range(len(manifest.segments)))
-    seg = _segmentation(sources, _pixel_array(planes, counts), manifest, job_key,
+    if order is not None:                      # the SEG's frames follow the source's frames
+        planes, counts = planes[:, order], counts[order]
+    seg = _segmentation(images, _pixel_array(planes, counts), manifest, job_key,
                         tracking_uids)
     algorithm_id = _algorithm_id(manifest.algorithm)
-    source_series = hd.sr.SourceSeriesForSegmentation(sources[0].SeriesInstanceUID)
+    source_series = hd.sr.SourceSeriesForSegmentation(images[0].SeriesInstanceUID)
     groups = [
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
@@ -121,7 +128,7 @@ def encode_segmentation(sources: Sequence[pydicom.Dataset], masks: np.ndarray,
                 name=codes.SCT.Volume, value=volume.volume_ml, unit=_MILLILITER,
                 algorithm_id=algorithm_id)])
         for i, (segment, volume) in enumerate(zip(manifest.segments, volumes))]
-    sr = _report(sources, [seg], groups, manifest, job_key, "segmentation-sr",
+    sr = _report(images, [seg], groups, manifest, job_key, "segmentation-sr",
                  SEGMENTATION_SR_SERIES_NUMBER)
     return SegmentationResult(seg=seg, sr=sr, volumes=volumes)
 
@@ -140,6 +147,7 @@ def encode_classification(sources: Sequence[pydicom.Dataset], scores: np.ndarray
     scores = np.asarray(scores, dtype=np.float64).ravel()
     if not sources:
         raise InputError("encode: no source images")
+    sources = list({id(ds): ds for ds in sources}.values())     # a multi-frame image once
     if manifest.findings and max(f.index for f in manifest.findings) >= scores.size:
         raise InputError(f"encode: {scores.size} scores for findings of {manifest.name} "
                          f"up to index {max(f.index for f in manifest.findings)}")
@@ -252,6 +260,52 @@ def _report(sources: Sequence[pydicom.Dataset], results: Sequence[pydicom.Datase
     sr.ManufacturerModelName = _lo(algorithm.name)
     sr.SoftwareVersions = _software_versions(manifest)
     return sr
+
+
+def _sources(sources: Sequence[pydicom.Dataset], frames: Sequence[int]
+             ) -> tuple[list[pydicom.Dataset], list[pydicom.Dataset], np.ndarray | None]:
+    """(source images, per-slice geometry, slice order of the source's frames or None).
+
+    Single-frame images are their own geometry. The frames of a multi-frame image get a
+    small dataset each with the position, orientation and spacing of their functional
+    groups.
+    """
+    if not frames or not any(frames):
+        return list(sources), list(sources), None
+    if len({id(ds) for ds in sources}) != 1:
+        raise InputError("encode: slices from more than one multi-frame image")
+    image = sources[0]
+    if sorted(frames) != list(range(1, int(image.get("NumberOfFrames", 1)) + 1)):
+        raise InputError("encode: the slices are not every frame of the multi-frame image")
+    geometry = []
+    for frame in frames:
+        item = pydicom.Dataset()
+        item.Rows, item.Columns = image.Rows, image.Columns
+        for group, keyword in _FRAME_GEOMETRY:
+            value = _functional_group(image, frame - 1, group, keyword)
+            if value is not None:
+                setattr(item, keyword, value)
+        geometry.append(item)
+    return [image], geometry, np.argsort(np.asarray(frames), kind="stable")
+
+
+_FRAME_GEOMETRY = (("PlanePositionSequence", "ImagePositionPatient"),
+                   ("PlaneOrientationSequence", "ImageOrientationPatient"),
+                   ("PixelMeasuresSequence", "PixelSpacing"),
+                   ("PixelMeasuresSequence", "SliceThickness"),
+                   ("PixelMeasuresSequence", "SpacingBetweenSlices"))
+
+
+def _functional_group(ds: pydicom.Dataset, index: int, group: str, keyword: str) -> object:
+    """``keyword`` of functional group ``group`` for frame ``index``: per-frame, else shared."""
+    for sequence, item in (("PerFrameFunctionalGroupsSequence", index),
+                           ("SharedFunctionalGroupsSequence", 0)):
+        seq = ds.get(sequence)
+        if seq is not None and item < len(seq) and seq[item].get(group):
+            value = seq[item].get(group)[0].get(keyword)
+            if value is not None:
+                return value
+    return None
 
 
 def _check_masks(sources: Sequence[pydicom.Dataset], masks: np.ndarray,

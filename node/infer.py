@@ -1,30 +1,48 @@
 """Infer: run a model package on a series with ONNX Runtime.
 
-One :class:`ModelRuntime` per model, created once and kept warm. Execution providers are
+One :class:`ModelRuntime` per model, created once, checked against its graph
+(:mod:`node.graph`) and warmed up with one run on a synthetic input. Execution providers are
 taken in the configured order among those this ONNX Runtime build offers; the provider that
 really runs is logged once. Without a usable GPU the node says so in one line and runs on
-the CPU.
+the CPU. On CUDA and TensorRT, inputs and outputs go through an IOBinding.
+
+By input kind:
+
+* ``image`` — one 2D image, resized (stretched or aspect kept and padded), one run;
+* ``slices`` — the planes of a stack in batches of ``batch_size``, output restacked;
+* ``volume`` — resampled to the target grid, sliding-window patches blended with a Gaussian
+  importance map (:mod:`node.sliding`), output resampled back to the source grid.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
 
 import numpy as np
 import onnxruntime as ort
+from pydicom.uid import UID
 
 from .errors import ConfigError, InputError
+from .graph import GraphIO, channel_axis, check_graph, check_output, spatial_axes, warmup_shape
 from .manifest import ModelManifest
+from .preprocess import (
+    Intensity, Placement, apply_intensity, from_model_plane, intensity_for, model_planes,
+    placement, resample, resample_chunks, target_shape,
+)
+from .sliding import sliding_window
 from .volume import SeriesVolume
 
 log = logging.getLogger("node.infer")
 
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider",
                   "DmlExecutionProvider", "CoreMLExecutionProvider")
-_ONNX_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
+#: Providers whose inputs and outputs are bound on the device, and the device's name.
+_BOUND_PROVIDERS = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
+#: A volume model needs at least this many slices.
+MIN_VOLUME_SLICES = 2
 
 
 @dataclass
@@ -46,10 +64,22 @@ def choose_providers(wanted: Sequence[str]) -> list[str]:
     return chosen
 
 
-class ModelRuntime:
-    """A loaded model package: ONNX Runtime session plus the manifest's pre/post-processing."""
+def _provider_options(provider: str, manifest: ModelManifest) -> dict[str, Any]:
+    if provider == "TensorrtExecutionProvider" and manifest.input.fp16:
+        return {"trt_fp16_enable": True}
+    return {}
 
-    def __init__(self, manifest: ModelManifest, providers: Sequence[str]) -> None:
+
+class ModelRuntime:
+    """A loaded model package: ONNX Runtime session plus the manifest's pre/post-processing.
+
+    Raises (at construction):
+        ConfigError: the package is missing, cannot be loaded, does not fit its manifest, or
+            fails its warm-up run; the message names the model and the mismatch.
+    """
+
+    def __init__(self, manifest: ModelManifest, providers: Sequence[str], *,
+                 warm_up: bool = True) -> None:
         self.manifest = manifest
         if not manifest.onnx_path.is_file():
             hint = manifest.directory / "build.py"
@@ -59,7 +89,9 @@ class ModelRuntime:
         options = ort.SessionOptions()
         options.log_severity_level = 3   # errors only: a missing GPU is reported by us, once
         try:
-            self.session = ort.InferenceSession(str(manifest.onnx_path), sess_options=options, providers=chosen)
+            self.session = ort.InferenceSession(
+                str(manifest.onnx_path), sess_options=options, providers=chosen,
+                provider_options=[_provider_options(p, manifest) for p in chosen])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             raise ConfigError(f"model {manifest.name}: ONNX Runtime cannot load {manifest.onnx_path}: {exc}") from None
         self.provider = self.session.get_providers()[0]
@@ -67,52 +99,116 @@ class ModelRuntime:
         if wanted_gpu and self.provider not in _GPU_PROVIDERS:
             log.warning("model %s: no usable GPU (%s not available); running on the CPU",
                         manifest.name, ", ".join(wanted_gpu))
-        log.info("model %s %s runs on %s", manifest.name, manifest.version, self.provider,
+        self.graph: GraphIO = check_graph(manifest, self.session.get_inputs(), self.session.get_outputs())
+        #: Device the IOBinding path binds to; ``None``: plain ``session.run``.
+        self.bind_device: str | None = _BOUND_PROVIDERS.get(self.provider)
+        self.warmup_s = self.warm_up() if warm_up else 0.0
+        log.info("model %s %s runs on %s (%s); warm-up %.2f s", manifest.name, manifest.version,
+                 self.provider, self.graph.describe(), self.warmup_s,
                  extra={"model": manifest.name, "provider": self.provider})
-        self.input_name, self.output_name = self._check_graph()
 
-    def _check_graph(self) -> tuple[str, str]:
-        """Validate the manifest against the graph's inputs and outputs; return their names."""
+    @property
+    def input_name(self) -> str:
+        return self.graph.input_name
+
+    @property
+    def output_name(self) -> str:
+        return self.graph.output_name
+
+    @property
+    def _np_dtype(self) -> type:
+        return np.float16 if self.manifest.input.dtype == "float16" else np.float32
+
+    def describe(self) -> dict[str, Any]:
+        """What runs where, for ``ainode status``."""
         m = self.manifest
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = {o.name: o for o in self.session.get_outputs()}
-        name_in = m.input.tensor or next(iter(inputs))
-        name_out = m.output.tensor or next(iter(outputs))
-        if name_in not in inputs:
-            raise ConfigError(f"model {m.name}: input.tensor {name_in!r} is not a graph input ({', '.join(inputs)})")
-        if name_out not in outputs:
-            raise ConfigError(f"model {m.name}: output.tensor {name_out!r} is not a graph output ({', '.join(outputs)})")
-        rank = 5 if m.input.kind == "volume" else 4
-        shape = inputs[name_in].shape
-        if len(shape) != rank:
-            raise ConfigError(f"model {m.name}: input {name_in!r} has rank {len(shape)}, "
-                              f"but kind {m.input.kind} with layout {m.input.layout} needs rank {rank}")
-        dtype = _ONNX_DTYPES.get(inputs[name_in].type)
-        if dtype != m.input.dtype:
-            raise ConfigError(f"model {m.name}: input {name_in!r} is {inputs[name_in].type}, "
-                              f"manifest says input.dtype = {m.input.dtype!r}")
-        return name_in, name_out
+        return {"version": m.version, "task": m.task, "kind": m.input.kind,
+                "demonstration": m.demonstration, "provider": self.provider,
+                "providers": list(self.session.get_providers()),
+                "io_binding": self.bind_device or "", "warmup_s": round(self.warmup_s, 4),
+                "graph": self.graph.describe()}
+
+    def warm_up(self) -> float:
+        """One run on a zero input of the model's shape; returns its seconds.
+
+        Raises:
+            ConfigError: the run fails or its output does not fit the manifest.
+        """
+        shape = warmup_shape(self.manifest, self.graph)
+        t = time.perf_counter()
+        try:
+            y = self.infer(np.zeros(shape, dtype=self._np_dtype))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+            raise ConfigError(f"model {self.manifest.name}: warm-up run on a {list(shape)} input "
+                              f"failed: {exc}") from None
+        check_output(self.manifest, tuple(y.shape), self.output_name)
+        return time.perf_counter() - t
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """One forward pass of the graph on the model-input tensor ``x``."""
+        n = x.shape[0]
+        fixed = self.graph.input_shape[0]
+        if fixed is not None and n < fixed:       # a fixed batch: fill the last one up
+            x = np.concatenate([x, np.zeros((fixed - n, *x.shape[1:]), dtype=x.dtype)])
+        if self.bind_device is None:
+            y = self.session.run([self.output_name], {self.input_name: x})[0]
+        else:
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(self.input_name, np.ascontiguousarray(x))
+            binding.bind_output(self.output_name, self.bind_device)
+            self.session.run_with_iobinding(binding)
+            y = binding.copy_outputs_to_cpu()[0]
+        return y[:n]
+
+    # ---------------------------------------------------------------- checks
+    def check_series(self, volume: SeriesVolume) -> None:
+        """Refuse a series this model cannot take.
+
+        Raises:
+            InputError: wrong modality or SOP class, wrong number of images, missing geometry.
+        """
+        m = self.manifest
+        spec = m.input
+        if spec.modalities and volume.modality not in spec.modalities:
+            raise InputError(f"model {m.name} takes {', '.join(spec.modalities)}, "
+                             f"series is {volume.modality or 'without Modality'}")
+        if spec.sop_classes and volume.headers:
+            sop_class = str(volume.headers[0].get("SOPClassUID", ""))
+            if sop_class not in spec.sop_classes:
+                names = ", ".join(_uid_name(u) for u in spec.sop_classes)
+                raise InputError(f"model {m.name} takes {names}; series is "
+                                 f"{_uid_name(sop_class) if sop_class else 'without SOPClassUID'}")
+        n = volume.pixels.shape[0]
+        if spec.kind == "image" and n != 1:
+            raise InputError(f"model {m.name} takes one 2D image, series has {n}")
+        if spec.kind == "volume":
+            if n < MIN_VOLUME_SLICES:
+                raise InputError(f"model {m.name} takes a 3D volume, series has {n} image "
+                                 f"(at least {MIN_VOLUME_SLICES} slices needed)")
+            if not volume.has_geometry:
+                raise InputError(f"model {m.name} takes a 3D volume, series has no geometry "
+                                 "(ImagePositionPatient, ImageOrientationPatient)")
 
     # ---------------------------------------------------------------- run
     def run(self, volume: SeriesVolume) -> Prediction:
-        """Run the model on a series, batch by batch, and bring the output back to its grid.
+        """Run the model on a series and bring the output back to its grid.
 
         Raises:
-            InputError: the series does not fit the model (modality, size).
+            InputError: the series does not fit the model (see :meth:`check_series`).
         """
+        self.check_series(volume)
+        if self.manifest.input.kind == "volume":
+            return self._run_volume(volume)
+        return self._run_planes(volume)
+
+    def _run_planes(self, volume: SeriesVolume) -> Prediction:
+        """``image`` and ``slices``: planes in batches, each batch's output in place."""
         m = self.manifest
-        if m.input.modalities and volume.modality not in m.input.modalities:
-            raise InputError(f"model {m.name} takes {', '.join(m.input.modalities)}, "
-                             f"series is {volume.modality or 'without Modality'}")
         n, rows, cols = volume.pixels.shape
-        if m.input.kind == "image" and n != 1:
-            raise InputError(f"model {m.name} takes one image, series has {n}")
-        if m.input.kind == "volume":
-            raise InputError(f"model {m.name}: input kind 'volume' is not supported by this node version yet")
-        pred = Prediction(provider=self.provider)
         timings = dict.fromkeys(("preprocess", "run", "postprocess"), 0.0)
         t = time.perf_counter()
-        stats = self._intensity_stats(volume)
+        intensity = intensity_for(volume, m.input)
+        where = placement((rows, cols), m.input)
         timings["preprocess"] += time.perf_counter() - t
         if m.task == "segmentation":
             # (segments, slices, rows, cols): each batch's masks land in place, each segment
@@ -123,12 +219,12 @@ class ModelRuntime:
         step = m.input.batch_size
         for start in range(0, n, step):
             t0 = time.perf_counter()
-            x = self.preprocess(volume, start, start + step, stats)
+            x = self.preprocess(volume, start, start + step, intensity, where)
             t1 = time.perf_counter()
-            y = self.session.run([self.output_name], {self.input_name: x})[0]
+            y = self.infer(x)
             t2 = time.perf_counter()
             if m.task == "segmentation":
-                self._segment(y, rows, cols, out=masks[:, start:start + step])
+                self._segment(y, where, out=masks[:, start:start + step])
             else:
                 scores.append(y.reshape(y.shape[0], -1).astype(np.float32))
             t3 = time.perf_counter()
@@ -136,6 +232,7 @@ class ModelRuntime:
             timings["run"] += t2 - t1
             timings["postprocess"] += t3 - t2
         t = time.perf_counter()
+        pred = Prediction(provider=self.provider)
         if m.task == "segmentation":
             pred.masks = np.moveaxis(masks, 0, 3)
         else:
@@ -144,61 +241,132 @@ class ModelRuntime:
         pred.timings = timings
         return pred
 
-    def _intensity_stats(self, volume: SeriesVolume) -> tuple[float, float]:
-        """Whole-series figures that batch preprocessing needs: (mean, std) or (min, max)."""
-        spec = self.manifest.input
-        if spec.normalisation not in ("zscore", "minmax") and not (volume.monochrome1 and spec.invert_monochrome1):
-            return (0.0, 1.0)
-        x = volume.pixels
-        if spec.window:
-            x = np.clip(x, spec.window[0], spec.window[1])
-        if spec.normalisation == "zscore":
-            return (float(x.mean()), max(float(x.std()), 1e-6))
-        return (float(x.min()), float(x.max()))
-
     def preprocess(self, volume: SeriesVolume, start: int = 0, stop: int | None = None,
-                   stats: tuple[float, float] | None = None) -> np.ndarray:
-        """The exact tensor the graph receives for slices ``start:stop``."""
-        spec = self.manifest.input
-        stats = stats if stats is not None else self._intensity_stats(volume)
-        x = volume.pixels[start:stop]
-        if volume.monochrome1 and spec.invert_monochrome1:
-            lo, hi = (float(volume.pixels.min()), float(volume.pixels.max()))
-            x = (hi + lo) - x
-        if spec.size:
-            x = _resize_stack(x, (int(spec.size[-2]), int(spec.size[-1])))
-        if spec.window:
-            x = np.clip(x, spec.window[0], spec.window[1])
-        if spec.normalisation == "zscore":
-            x = (x - stats[0]) / stats[1]
-        elif spec.normalisation == "minmax":
-            x = (x - stats[0]) / max(stats[1] - stats[0], 1e-6)
-        elif spec.normalisation == "scale":
-            x = x * spec.scale + spec.offset
-        x = x[:, None, :, :] if spec.layout == "NCHW" else x[:, :, :, None]
-        return np.ascontiguousarray(x, dtype=np.float16 if spec.dtype == "float16" else np.float32)
+                   intensity: Intensity | None = None, where: Placement | None = None) -> np.ndarray:
+        """The exact tensor the graph receives for planes ``start:stop`` (image, slices)."""
+        return model_planes(volume, self.manifest.input, start, stop, intensity, where)
 
-    def _segment(self, y: np.ndarray, rows: int, cols: int, out: np.ndarray) -> None:
-        """One batch of model output -> ``out``, bool (segments, batch, rows, cols), source grid."""
+    def _segment(self, y: np.ndarray, where: Placement, out: np.ndarray) -> None:
+        """One batch of plane output -> ``out``, bool (segments, batch, rows, cols), source grid."""
         m = self.manifest
+        axis = channel_axis(m.input.layout)
         if m.output.kind == "labelmap" or m.output.decision == "argmax":
             if m.output.kind == "labelmap":
-                labels = y.reshape(y.shape[0], *y.shape[-2:]) if y.ndim == 4 else y
+                labels = np.squeeze(y, axis=axis) if y.ndim == 4 else y
             else:  # softmax and sigmoid are monotonic: the argmax needs no activation
-                labels = np.argmax(np.moveaxis(y, -1, 1) if m.input.layout == "NHWC" else y, axis=1)
-            labels = _fit(labels.astype(np.int32, copy=False), rows, cols)
+                labels = np.argmax(y, axis=axis)
+            labels = from_model_plane(labels.astype(np.int32, copy=False), where)
             for k, segment in enumerate(m.segments):
                 np.equal(labels, segment.label, out=out[k])
             return
-        if m.input.layout == "NHWC":
-            y = np.moveaxis(y, -1, 1)
+        if axis != 1:
+            y = np.moveaxis(y, axis, 1)
         y = _activate(y.astype(np.float32, copy=False), m.output.activation, axis=1)
         for k, segment in enumerate(m.segments):
             channel = y[:, segment.label]
-            if channel.shape[-2:] == (rows, cols):
+            if channel.shape[-2:] == where.source:
                 np.greater_equal(channel, m.output.threshold, out=out[k])
             else:
-                out[k] = _fit(channel >= m.output.threshold, rows, cols)
+                out[k] = from_model_plane(channel >= m.output.threshold, where)
+
+    # ---------------------------------------------------------------- volume
+    def _run_volume(self, volume: SeriesVolume) -> Prediction:
+        m = self.manifest
+        timings = dict.fromkeys(("preprocess", "run", "postprocess"), 0.0)
+        t = time.perf_counter()
+        x = self.volume_input(volume)
+        timings["preprocess"] = time.perf_counter() - t
+        if m.task == "classification":            # the whole volume on the model's grid, once
+            t = time.perf_counter()
+            batch = x[None, None] if m.input.layout == "NCDHW" else x[None, ..., None]
+            y = self.infer(np.ascontiguousarray(batch, dtype=self._np_dtype))
+            timings["run"] = time.perf_counter() - t
+            t = time.perf_counter()
+            scores = _activate(y.reshape(1, -1).astype(np.float32), m.output.activation, axis=1)[0]
+            timings["postprocess"] = time.perf_counter() - t
+            return Prediction(scores=scores, provider=self.provider, timings=timings)
+        t = time.perf_counter()
+        scores = self.volume_scores(x, timings)
+        timings["postprocess"] += time.perf_counter() - t - timings["run"]
+        t = time.perf_counter()
+        masks = np.empty((len(m.segments), *volume.shape), dtype=bool)
+        self._volume_masks(scores, masks)
+        timings["postprocess"] += time.perf_counter() - t
+        return Prediction(masks=np.moveaxis(masks, 0, 3), provider=self.provider, timings=timings)
+
+    def volume_input(self, volume: SeriesVolume) -> np.ndarray:
+        """The volume on the model's grid, intensity handled: ``(D, H, W)`` float32.
+
+        Inversion and window apply on the source grid; the normalisation, linear, on the
+        model's grid (the same result, and usually fewer voxels).
+        """
+        intensity = intensity_for(volume, self.manifest.input)
+        x = apply_intensity(volume.pixels, replace(intensity, gain=1.0, bias=0.0))
+        x = resample(x, target_shape(volume, self.manifest.input))
+        return apply_intensity(x, Intensity(gain=intensity.gain, bias=intensity.bias), out=x)
+
+    def volume_scores(self, x: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
+        """Sliding-window output over ``x``: ``(channels, D, H, W)`` on the model's grid.
+
+        Channels are the graph's for probabilities; for a label map, channel 0 is everything
+        but the segments and channel ``k + 1`` is segment ``k`` (one-hot, then blended).
+        """
+        m = self.manifest
+        spec = m.input
+        fixed = [self.graph.input_shape[a] for a in spatial_axes(spec.layout)]
+        patch = tuple(int(p) for p in spec.patch_size) or (
+            tuple(fixed) if all(fixed) else x.shape)   # type: ignore[arg-type]
+        timings = timings if timings is not None else {}
+        timings.setdefault("run", 0.0)
+        labels = [s.label for s in m.segments]
+
+        def predict(patches: np.ndarray) -> np.ndarray:
+            batch = patches[:, None] if spec.layout == "NCDHW" else patches[..., None]
+            t = time.perf_counter()
+            y = self.infer(np.ascontiguousarray(batch, dtype=self._np_dtype))
+            timings["run"] += time.perf_counter() - t
+            if m.output.kind == "labelmap":
+                y = np.squeeze(y, axis=channel_axis(spec.layout)) if y.ndim == 5 else y
+                onehot = np.stack([np.isin(y, labels, invert=True)] + [y == v for v in labels], axis=1)
+                return onehot.astype(np.float32)
+            y = y.astype(np.float32, copy=False)
+            return y if spec.layout == "NCDHW" else np.moveaxis(y, -1, 1)
+
+        return sliding_window(x, patch, spec.overlap, spec.batch_size, predict,  # type: ignore[arg-type]
+                              blend=spec.blend, pad_value=spec.pad_value)
+
+    def _volume_masks(self, scores: np.ndarray, out: np.ndarray) -> None:
+        """Blended scores on the model's grid -> ``out`` (segments, slices, rows, cols) on the
+        source grid: channels resampled linearly, then argmax or threshold."""
+        m = self.manifest
+        shape = out.shape[1:]
+        if m.output.kind == "labelmap" or m.output.decision == "argmax":
+            wanted = (range(1, len(m.segments) + 1) if m.output.kind == "labelmap"
+                      else [s.label for s in m.segments])
+            if len(scores) == 2:             # two channels: the argmax is the sign of the difference
+                for z, block in resample_chunks(scores[1] - scores[0], shape):  # type: ignore[arg-type]
+                    for k, channel in enumerate(wanted):
+                        if channel == 1:
+                            np.greater(block, 0, out=out[k, z:z + block.shape[0]])
+                        else:
+                            np.less_equal(block, 0, out=out[k, z:z + block.shape[0]])
+                return
+            chunks = zip(*(resample_chunks(c, shape) for c in scores))  # type: ignore[arg-type]
+            for blocks in chunks:
+                z = blocks[0][0]
+                labels = np.argmax(np.stack([b for _, b in blocks]), axis=0)
+                for k, channel in enumerate(wanted):
+                    np.equal(labels, channel, out=out[k, z:z + labels.shape[0]])
+            return
+        probabilities = _activate(scores, m.output.activation, axis=0)
+        for k, segment in enumerate(m.segments):
+            for z, block in resample_chunks(probabilities[segment.label], shape):  # type: ignore[arg-type]
+                np.greater_equal(block, m.output.threshold, out=out[k, z:z + block.shape[0]])
+
+
+def _uid_name(uid: str) -> str:
+    name = UID(uid).name
+    return f"{name} ({uid})" if name != uid else uid
 
 
 def _activate(y: np.ndarray, activation: str, axis: int) -> np.ndarray:
@@ -208,28 +376,3 @@ def _activate(y: np.ndarray, activation: str, axis: int) -> np.ndarray:
         e = np.exp(y - y.max(axis=axis, keepdims=True))
         return e / e.sum(axis=axis, keepdims=True)
     return y
-
-
-def _fit(labels: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Nearest-neighbour resize of a (n, h, w) label or mask stack back to the source grid."""
-    if labels.shape[1:] == (rows, cols):
-        return labels
-    ri = (np.arange(rows) * labels.shape[1] / rows).astype(np.intp)
-    ci = (np.arange(cols) * labels.shape[2] / cols).astype(np.intp)
-    return labels[:, ri][:, :, ci]
-
-
-def _resize_stack(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of each slice of a (n, h, w) stack to ``size`` (align-corners=False)."""
-    n, h, w = x.shape
-    if (h, w) == size:
-        return x
-    def axis(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        pos = np.clip((np.arange(dst) + 0.5) * src / dst - 0.5, 0, src - 1)
-        lo = np.floor(pos).astype(np.intp)
-        hi = np.minimum(lo + 1, src - 1)
-        return lo, hi, (pos - lo).astype(np.float32)
-    r0, r1, rf = axis(h, size[0])
-    c0, c1, cf = axis(w, size[1])
-    rows = x[:, r0] * (1 - rf)[None, :, None] + x[:, r1] * rf[None, :, None]
-    return rows[:, :, c0] * (1 - cf) + rows[:, :, c1] * cf

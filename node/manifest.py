@@ -8,9 +8,12 @@ model described this way without code changes.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pydicom.uid
 
 from .errors import ConfigError
 from .tomlcheck import Table, load_toml
@@ -23,6 +26,10 @@ OUTPUT_KINDS = ("labelmap", "probabilities", "scores")
 ACTIVATIONS = ("none", "sigmoid", "softmax")
 DECISIONS = ("argmax", "threshold")
 PRIORITIES = ("stat", "urgent", "routine")
+RESIZES = ("stretch", "pad")
+BLENDS = ("gaussian", "constant")
+DTYPES = ("float32", "float16")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 @dataclass(frozen=True)
@@ -46,23 +53,38 @@ class Algorithm:
 
 @dataclass(frozen=True)
 class InputSpec:
+    """What the model takes and how a series becomes its input tensor.
+
+    Sizes and spacings are in array order: ``(rows, cols)`` for 2D, ``(slices, rows, cols)``
+    for 3D; spacings in mm.
+    """
+
     modalities: tuple[str, ...]
     kind: str = "slices"
     layout: str = "NCHW"
     dtype: str = "float32"
     tensor: str = ""                      # empty: the graph's first input
-    sop_classes: tuple[str, ...] = ()     # empty: any image SOP class
-    size: tuple[float, ...] = ()          # target (rows, cols) or (depth, rows, cols)
-    spacing: tuple[float, ...] = ()       # target spacing in mm, volumes only
+    sop_classes: tuple[str, ...] = ()     # UIDs; empty: any image SOP class
+    size: tuple[float, ...] = ()          # target (rows, cols), or (slices, rows, cols) for volumes
+    resize: str = "stretch"               # 2D: stretch to size, or keep the aspect ratio and pad
+    pad_value: float = 0.0                # value of padding, in model-input units
+    spacing: tuple[float, ...] = ()       # target (slice, row, col) spacing in mm, volumes only
     window: tuple[float, ...] = ()        # clip to (low, high) after rescale
     normalisation: str = "none"
     scale: float = 1.0                    # for normalisation = "scale": x * scale + offset
     offset: float = 0.0
+    mean: float | None = None             # zscore with fixed figures; None: the series' own
+    std: float | None = None
     invert_monochrome1: bool = True
     batch_size: int = 1
-    patch_size: tuple[float, ...] = ()
-    overlap: float = 0.5
-    fp16: bool = False
+    patch_size: tuple[float, ...] = ()    # volume: sliding-window patch (slices, rows, cols)
+    overlap: float = 0.5                  # volume: overlap of neighbouring patches, [0, 1)
+    blend: str = "gaussian"               # volume: weighting of overlapping patch outputs
+    fp16: bool = False                    # allow FP16 kernels where the provider offers them
+
+    @property
+    def spatial_rank(self) -> int:
+        return 3 if self.kind == "volume" else 2
 
 
 @dataclass(frozen=True)
@@ -160,35 +182,9 @@ def _parse(top: Table, directory: Path) -> ModelManifest:
     a.done()
 
     i = top.table("input")
-    kind = i.choice("kind", INPUT_KINDS, "slices")
-    spec_in = InputSpec(
-        modalities=i.str_list("modalities"),
-        kind=kind,
-        layout=i.choice("layout", LAYOUTS, "NCDHW" if kind == "volume" else "NCHW"),
-        dtype=i.choice("dtype", ("float32", "float16"), "float32"),
-        tensor=i.get("tensor", str, ""),
-        sop_classes=i.str_list("sop_classes"),
-        size=i.num_list("size", None),
-        spacing=i.num_list("spacing", 3),
-        window=i.num_list("window", 2),
-        normalisation=i.choice("normalisation", NORMALISATIONS, "none"),
-        scale=i.get("scale", float, 1.0),
-        offset=i.get("offset", float, 0.0),
-        invert_monochrome1=i.get("invert_monochrome1", bool, True),
-        batch_size=i.positive("batch_size", int, 1),
-        patch_size=i.num_list("patch_size", 3),
-        overlap=i.get("overlap", float, 0.5),
-        fp16=i.get("fp16", bool, False),
-    )
+    spec_in = _input(i)
     i.done()
-    if spec_in.window and spec_in.window[0] >= spec_in.window[1]:
-        raise ConfigError("input.window: low must be below high")
-    if spec_in.kind == "volume" and spec_in.layout not in ("NCDHW", "NDHWC"):
-        raise ConfigError(f"input.layout: a volume needs NCDHW or NDHWC, got {spec_in.layout}")
-    if spec_in.kind != "volume" and spec_in.layout not in ("NCHW", "NHWC"):
-        raise ConfigError(f"input.layout: kind {spec_in.kind} needs NCHW or NHWC, got {spec_in.layout}")
-    if not 0 <= spec_in.overlap < 1:
-        raise ConfigError("input.overlap: must be in [0, 1)")
+    _check_input(spec_in)
 
     o = top.table("output")
     spec_out = OutputSpec(
@@ -231,6 +227,9 @@ def _parse(top: Table, directory: Path) -> ModelManifest:
     else:
         if not findings:
             raise ConfigError("findings: a classification model needs at least one [[findings]]")
+        if spec_in.patch_size:
+            raise ConfigError("input.patch_size: a classification model sees the whole volume "
+                              "at once; give input.size or input.spacing")
         if spec_out.kind != "scores":
             raise ConfigError("output.kind: a classification model gives scores")
 
@@ -238,6 +237,89 @@ def _parse(top: Table, directory: Path) -> ModelManifest:
         name=name, version=version, task=task, algorithm=algorithm, input=spec_in,
         output=spec_out, description=description, demonstration=demonstration,
         segments=tuple(segments), findings=tuple(findings), directory=directory)
+
+
+def _input(i: Table) -> InputSpec:
+    kind = i.choice("kind", INPUT_KINDS, "slices")
+    rank = 3 if kind == "volume" else 2
+    return InputSpec(
+        modalities=i.str_list("modalities"),
+        kind=kind,
+        layout=i.choice("layout", LAYOUTS, "NCDHW" if kind == "volume" else "NCHW"),
+        dtype=i.choice("dtype", DTYPES, "float32"),
+        tensor=i.get("tensor", str, ""),
+        sop_classes=i.parse("sop_classes", (), _sop_classes),
+        size=i.num_list("size", rank),
+        resize=i.choice("resize", RESIZES, "stretch"),
+        pad_value=i.get("pad_value", float, 0.0),
+        spacing=i.num_list("spacing", 3),
+        window=i.num_list("window", 2),
+        normalisation=i.choice("normalisation", NORMALISATIONS, "none"),
+        scale=i.get("scale", float, 1.0),
+        offset=i.get("offset", float, 0.0),
+        mean=i.get("mean", float, None),
+        std=i.get("std", float, None),
+        invert_monochrome1=i.get("invert_monochrome1", bool, True),
+        batch_size=i.positive("batch_size", int, 1),
+        patch_size=i.num_list("patch_size", 3),
+        overlap=i.get("overlap", float, 0.5),
+        blend=i.choice("blend", BLENDS, "gaussian"),
+        fp16=i.get("fp16", bool, False),
+    )
+
+
+def _check_input(spec: InputSpec) -> None:
+    """Rules between input keys; raises ConfigError naming the key."""
+    if spec.window and spec.window[0] >= spec.window[1]:
+        raise ConfigError("input.window: low must be below high")
+    if spec.kind == "volume" and spec.layout not in ("NCDHW", "NDHWC"):
+        raise ConfigError(f"input.layout: a volume needs NCDHW or NDHWC, got {spec.layout}")
+    if spec.kind != "volume" and spec.layout not in ("NCHW", "NHWC"):
+        raise ConfigError(f"input.layout: kind {spec.kind} needs NCHW or NHWC, got {spec.layout}")
+    if not 0 <= spec.overlap < 1:
+        raise ConfigError("input.overlap: must be in [0, 1)")
+    for key in ("size", "spacing", "patch_size"):
+        values = getattr(spec, key)
+        if any(v <= 0 for v in values):
+            raise ConfigError(f"input.{key}: every value must be positive, got {list(values)}")
+    for key in ("size", "patch_size"):
+        values = getattr(spec, key)
+        if any(v != int(v) for v in values):
+            raise ConfigError(f"input.{key}: expected whole numbers of pixels, got {list(values)}")
+    if spec.kind != "volume":
+        for key in ("spacing", "patch_size"):
+            if getattr(spec, key):
+                raise ConfigError(f"input.{key}: only for kind = \"volume\" (kind is {spec.kind!r})")
+    elif spec.size and spec.spacing:
+        raise ConfigError("input.size, input.spacing: give a target size or a target spacing, not both")
+    elif spec.resize != "stretch":
+        raise ConfigError("input.resize: \"pad\" is for kind image or slices; a volume is resampled")
+    if (spec.mean is not None or spec.std is not None) and spec.normalisation != "zscore":
+        raise ConfigError("input.mean, input.std: only with normalisation = \"zscore\"")
+    if (spec.mean is None) != (spec.std is None):
+        raise ConfigError("input.mean, input.std: give both or neither")
+    if spec.std is not None and spec.std <= 0:
+        raise ConfigError(f"input.std: must be positive; got {spec.std}")
+
+
+def _sop_classes(value: Any, where: str) -> tuple[str, ...]:
+    """SOP class UIDs from UIDs or pydicom keywords (``DigitalXRayImageStorageForPresentation``)."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list of SOP class UIDs or keywords")
+    out = []
+    for k, item in enumerate(value):
+        uid = None
+        if isinstance(item, str) and _UID.match(item):
+            uid = pydicom.uid.UID(item)
+        elif isinstance(item, str) and item.isidentifier():
+            found = getattr(pydicom.uid, item, None)
+            uid = found if isinstance(found, pydicom.uid.UID) else None
+        if uid is None or not uid.is_valid or (uid.type and uid.type != "SOP Class"):
+            raise ConfigError(f"{where}[{k}]: {item!r} is not a SOP class UID or keyword "
+                              "(e.g. \"1.2.840.10008.5.1.4.1.1.1.1\" or "
+                              "\"DigitalXRayImageStorageForPresentation\")")
+        out.append(str(uid))
+    return tuple(out)
 
 
 def _missing(t: Table, key: str) -> Any:

@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from io import BytesIO
@@ -30,6 +31,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import pydicom
 
+from . import __version__
 from .assemble import (FIRE_INCOMPLETE, NO_MATCH, NOT_YET, WAIT, StudyMember, association_facts,
                        plan_series, plan_study, series_facts)
 from .config import PRIORITY_NAMES, Config
@@ -55,6 +57,8 @@ SWEEP_INTERVAL_S = 30.0
 HEARTBEAT_S = 30.0
 IDLE_WAIT_S = 1.0
 MIN_RETRY_WAIT_S = 0.05
+#: In ``data_dir``: what the running node is and which provider runs each model.
+STATUS_FILE = "status.json"
 
 
 class Node:
@@ -105,6 +109,7 @@ class Node:
                 self._client_tls = client_context(effective.tls)
             self._state = NodeState(effective, models, stamps)
             self.ingest.config = effective
+            self._write_status()                 # the models and providers now in use
         self._check_webhook(effective)
         loaded = sorted(set(models) - {n for n, s in old.stamps.items() if stamps.get(n) == s})
         log.info("configuration reloaded: %d routes, %d destinations%s", len(effective.routes),
@@ -140,6 +145,7 @@ class Node:
             self._ingest_processes.append(proc)
         if extra:
             log.info("%d ingest processes share port %d", extra + 1, self.config.node.port)
+        self._write_status(started_at=time.time())
         for name, target in (("assemble", self._assemble_loop), ("infer", self._infer_loop),
                              ("deliver-1", self._deliver_loop), ("deliver-2", self._deliver_loop),
                              ("notify", self._notify_loop)):
@@ -162,6 +168,19 @@ class Node:
         for thread in self._threads:
             thread.join(max(0.1, deadline - time.monotonic()))
         self.db.close()
+        self._write_status(stopped_at=time.time())
+
+    def _write_status(self, **changes: float) -> None:
+        """Write ``data_dir/status.json`` (pid, listener, models and their providers)."""
+        path = self.config.node.data_dir / STATUS_FILE
+        status: dict[str, Any] = {}
+        if "started_at" not in changes and path.is_file():
+            status = json.loads(path.read_text())
+        status.update(
+            pid=os.getpid(), version=__version__, ae_title=self.config.node.ae_title,
+            host=self.config.node.host, port=self.config.node.port,
+            models={name: runtime.describe() for name, runtime in self.models.items()}, **changes)
+        self.store.write_atomic(path, (json.dumps(status, indent=2).encode(),))
 
     def _guard(self, loop: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
@@ -377,7 +396,8 @@ class Node:
         summary: dict[str, Any] = {"model": manifest.name, "version": manifest.version,
                                    "provider": prediction.provider, "slices": int(volume.pixels.shape[0])}
         if prediction.masks is not None:
-            result = encode_segmentation(volume.headers, prediction.masks, manifest, job_key)
+            result = encode_segmentation(volume.headers, prediction.masks, manifest, job_key,
+                                         frames=volume.frames)
             outputs = {"seg.dcm": result.seg, "sr.dcm": result.sr}
             summary["volumes_ml"] = {v.name: round(v.volume_ml, 3) for v in result.volumes}
         else:

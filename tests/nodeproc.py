@@ -19,12 +19,21 @@ from pynetdicom.sop_class import Verification
 REPO = Path(__file__).resolve().parent.parent
 
 
-def build_models(folder: Path) -> Path:
-    """A models folder with ct-tissue built by its own script (the repository stays clean)."""
-    target = folder / "ct-tissue"
-    target.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "models" / "ct-tissue" / "model.toml", target / "model.toml")
-    runpy.run_path(str(REPO / "models" / "ct-tissue" / "build.py"))["build"](target / "model.onnx")
+_BUILT: dict[str, bytes] = {}          # model name -> ONNX bytes, built once per test process
+
+
+def build_models(folder: Path, names: tuple[str, ...] = ("ct-tissue",)) -> Path:
+    """A models folder with the named reference models built by their own scripts (the
+    repository stays clean)."""
+    for name in names:
+        target = folder / name
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "models" / name / "model.toml", target / "model.toml")
+        if name not in _BUILT:
+            runpy.run_path(str(REPO / "models" / name / "build.py"))["build"](target / "model.onnx")
+            _BUILT[name] = (target / "model.onnx").read_bytes()
+        else:
+            (target / "model.onnx").write_bytes(_BUILT[name])
     return folder
 
 
