@@ -579,8 +579,12 @@ class Database:
         last_delivery = (select(func.max(Delivery.finished_at)).where(Delivery.series_id == Series.id)
                          .scalar_subquery())
         finished = func.coalesce(last_delivery, last_job, Series.last_received_at)
+        # A study whose study-level routes are still to decide, or wait for a series, keeps its files.
+        study_open = select(Study.id).where(Study.id == Series.study_id, Study.study_check_at.is_not(None)).exists()
+        study_waiting = select(StudyRoute.id).where(StudyRoute.study_id == Series.study_id,
+                                                    StudyRoute.state == "waiting").exists()
         stmt = (select(Series.id).where(Series.status == SeriesStatus.ASSEMBLED.value, ~open_jobs,
-                                        ~open_deliveries, finished < finished_before)
+                                        ~open_deliveries, ~study_open, ~study_waiting, finished < finished_before)
                 .order_by(Series.id).limit(100))
         with self.engine.connect() as conn:
             return list(conn.execute(stmt).scalars())

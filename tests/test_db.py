@@ -153,3 +153,20 @@ def test_a_failing_destination_holds_its_other_deliveries(db):
     assert due.destination == "alive"                 # other destinations are not held up
     assert db.claim_delivery() is None               # the dead one is not tried again meanwhile
     assert {d["attempts"] for d in db.deliveries_report() if d["destination"] == "dead"} == {0, 1}
+
+
+def test_retention_waits_for_delivery_and_for_study_level_routes(db):
+    row = assembled_series(db, jobs=[JobSpec("m", ("r",), ("pacs",), 2)])
+    assert db.purgeable_series(time.time()) == []            # the job has not run
+    job = db.claim_job()
+    db.finish_job(job.id, [], {}, job.destinations)
+    assert db.purgeable_series(time.time()) == []            # its result is not delivered
+    delivery = db.claim_delivery()
+    db.finish_delivery(delivery.id)
+    assert db.purgeable_series(time.time() + 1) == [row.id]
+    assert db.purgeable_series(time.time() - 3600) == []     # delivered too recently
+    study_id = db.get_series(row.id).study_id
+    db.decide_study_route(study_id, "whole-study", "waiting", "needs the AXIAL series", 100.0)
+    assert db.purgeable_series(time.time() + 1) == []        # a study-level route still waits
+    db.decide_study_route(study_id, "whole-study", "fired", "complete", 100.0)
+    assert db.mark_purged(row.id) and not db.mark_purged(row.id)
