@@ -178,6 +178,8 @@ def _read(path: Path) -> list[_Slice]:
         raise InputError(f"{path.name}: not a readable DICOM file ({exc})") from exc
     if "PixelData" not in ds:
         raise InputError(f"{path.name}: no pixel data (not an image)")
+    if not ds.PixelData:
+        raise InputError(f"{path.name}: zero-length pixel data")
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise InputError(f"{path.name}: colour images are not supported "
                          f"(SamplesPerPixel {ds.SamplesPerPixel})")
