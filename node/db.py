@@ -35,6 +35,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from .dbreports import ReportQueries
 from .schema import (ROUTINE, AuditEvent, Base, Delivery, DeliveryRow, DeliveryStatus, Instance, InstanceRecord, Job,
                      JobRow, JobSpec, JobStatus, Notification, NotificationRow, NotificationSpec,
                      NotificationStatus, Series, SeriesRow, SeriesStatus, Study, StudyRoute)
@@ -52,7 +53,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-class Database:
+class Database(ReportQueries):
     """The node's queue and catalogue over any SQLAlchemy URL (SQLite in WAL mode by default)."""
 
     def __init__(self, url: str) -> None:
@@ -474,101 +475,6 @@ class Database:
                 .values(status=DeliveryStatus.PENDING.value, attempts=0, next_attempt_at=time.time(),
                         error="")).rowcount)
 
-    # ------------------------------------------------------------- reporting
-    def counts(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        with self.engine.connect() as conn:
-            for name, model in (("series", Series), ("jobs", Job), ("deliveries", Delivery),
-                                ("notifications", Notification)):
-                rows = conn.execute(select(model.status, func.count()).group_by(model.status)).all()
-                out[name] = {status: n for status, n in rows}
-            out["instances"] = {"stored": conn.execute(select(func.count()).select_from(Instance)).scalar_one()}
-        return out
-
-    def jobs_report(self, limit: int = 50) -> list[dict[str, Any]]:
-        stmt = (select(Job, Series.series_uid, Series.modality, Series.description, Study.study_uid,
-                       Study.accession)
-                .join(Series, Job.series_id == Series.id).join(Study, Series.study_id == Study.id)
-                .order_by(Job.id.desc()).limit(limit))
-        with Session(self.engine) as conn:
-            rows = conn.execute(stmt).all()
-            out = []
-            for job, series_uid, modality, description, study_uid, accession in rows:
-                deliveries = conn.execute(select(Delivery.id, Delivery.destination, Delivery.status,
-                                                 Delivery.attempts, Delivery.error)
-                                          .where(Delivery.job_id == job.id)).all()
-                out.append(dict(
-                    id=job.id, model=job.model, status=job.status, priority=job.priority,
-                    attempts=job.attempts, error=job.error, series_uid=series_uid, modality=modality,
-                    description=description, study_uid=study_uid, accession=accession,
-                    created_at=job.created_at, finished_at=job.finished_at,
-                    summary=json.loads(job.summary or "{}"),
-                    deliveries=[dict(id=d.id, destination=d.destination, status=d.status,
-                                     attempts=d.attempts, error=d.error) for d in deliveries]))
-        return out
-
-    def deliveries_report(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        stmt = select(Delivery).order_by(Delivery.id.desc()).limit(limit)
-        if status:
-            stmt = stmt.where(Delivery.status == status)
-        with Session(self.engine) as conn:
-            return [dict(id=d.id, kind=d.kind, job_id=d.job_id, series_id=d.series_id,
-                         destination=d.destination, status=d.status, attempts=d.attempts,
-                         error=d.error) for (d,) in conn.execute(stmt).all()]
-
-    def routing_report(self, limit: int = 20) -> list[dict[str, Any]]:
-        """The most recently received series with why each route matched or not, and the
-        study-level decisions of their studies."""
-        stmt = (select(Series, Study).join(Study, Series.study_id == Study.id)
-                .order_by(Series.last_received_at.desc()).limit(limit))
-        with Session(self.engine) as conn:
-            out = []
-            for s, st in conn.execute(stmt).all():
-                study_routes = conn.execute(select(StudyRoute.route, StudyRoute.state, StudyRoute.reason)
-                                            .where(StudyRoute.study_id == st.id).order_by(StudyRoute.route)).all()
-                out.append(dict(series_uid=s.series_uid, study_uid=st.study_uid, modality=s.modality,
-                                description=s.description, calling_aet=s.calling_aet,
-                                caller_address=s.caller_address, status=s.status,
-                                last_received_at=s.last_received_at, routes=json.loads(s.routes or "{}"),
-                                study_routes=[dict(route=r, state=state, reason=reason)
-                                              for r, state, reason in study_routes]))
-        return out
-
-    def notifications_report(self, limit: int = 50) -> list[dict[str, Any]]:
-        stmt = select(Notification).order_by(Notification.id.desc()).limit(limit)
-        with Session(self.engine) as conn:
-            return [dict(id=n.id, job_id=n.job_id, study_uid=n.study_uid, subject=n.subject,
-                         priority=n.priority, status=n.status, attempts=n.attempts, error=n.error,
-                         created_at=n.created_at, finished_at=n.finished_at, payload=json.loads(n.payload))
-                    for (n,) in conn.execute(stmt).all()]
-
-    def worklist(self, limit: int = 50) -> list[dict[str, Any]]:
-        """Studies with results, most urgent first, then longest waiting; their findings per job."""
-        rank = func.min(Job.priority).label("rank")
-        studies = (select(Study.id, Study.study_uid, Study.accession, Study.patient_id, Study.received_at, rank)
-                   .join(Series, Series.study_id == Study.id).join(Job, Job.series_id == Series.id)
-                   .where(Job.status == JobStatus.DONE.value).group_by(Study.id)
-                   .order_by(rank, Study.received_at, Study.id).limit(limit))
-        out = []
-        with Session(self.engine) as conn:
-            for study in conn.execute(studies).all():
-                jobs = conn.execute(
-                    select(Job, Series.series_uid, Series.modality, Series.description)
-                    .join(Series, Job.series_id == Series.id)
-                    .where(Series.study_id == study.id, Job.status == JobStatus.DONE.value)
-                    .order_by(Job.priority, Job.id)).all()
-                notes = conn.execute(select(Notification.status, func.count()).where(
-                    Notification.study_uid == study.study_uid).group_by(Notification.status)).all()
-                out.append(dict(
-                    study_uid=study.study_uid, accession=study.accession, patient_id=study.patient_id,
-                    received_at=study.received_at, priority=study.rank,
-                    notifications={status: n for status, n in notes},
-                    jobs=[dict(id=j.id, model=j.model, priority=j.priority, series_uid=uid, modality=modality,
-                               description=description, finished_at=j.finished_at,
-                               summary=json.loads(j.summary or "{}"))
-                          for j, uid, modality, description in jobs]))
-        return out
-
     # ------------------------------------------------------------- retention
     def purgeable_series(self, finished_before: float) -> list[int]:
         """Assembled series whose jobs and deliveries are all done, the last before the time."""
@@ -607,14 +513,6 @@ class Database:
             conn.execute(self._insert(AuditEvent).values(
                 at=time.time(), actor=actor[:128], action=action[:32], subject=subject[:128],
                 detail=json.dumps(detail, default=str)))
-
-    def audit_report(self, limit: int = 100, action: str | None = None) -> list[dict[str, Any]]:
-        stmt = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
-        if action:
-            stmt = stmt.where(AuditEvent.action == action)
-        with Session(self.engine) as session:
-            return [dict(at=e.at, actor=e.actor, action=e.action, subject=e.subject,
-                         detail=json.loads(e.detail or "{}")) for (e,) in session.execute(stmt).all()]
 
     def ping(self) -> None:
         with self.engine.connect() as conn:

@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 from pynetdicom import AE, evt
@@ -25,6 +26,9 @@ from .config import parse_config
 from .deliver import Peer, send_files
 from .ingest import TRANSFER_SYNTAXES
 from .phantom import make_ct_series
+
+if TYPE_CHECKING:
+    from .worker import Node
 
 MODEL = "ct-tissue"
 
@@ -141,7 +145,7 @@ def run_demo(slices: int = 64, size: int = 256, keep: bool = False) -> int:
             tmp.cleanup()
 
 
-def _wait_for_results(node: "Node", pacs: DemoPacs, expect: int, timeout: float) -> bool:  # type: ignore[name-defined]
+def _wait_for_results(node: Node, pacs: DemoPacs, expect: int, timeout: float) -> bool:
     deadline = time.time() + timeout
     last = ""
     while time.time() < deadline:

@@ -7,7 +7,6 @@ import sqlite3
 import time
 
 import pydicom
-from pynetdicom import AE
 
 from conftest import free_port
 from node.demo import DemoPacs
