@@ -457,3 +457,18 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
                        capture_output=True, timeout=60)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """The node's database on each backend: a SQLite file, then a PostgreSQL server (emptied)."""
+    from node.db import Database
+    if request.param == "sqlite":
+        database = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    else:
+        database = Database(request.getfixturevalue("postgres_url"))
+        database.drop_all()
+    database.create()
+    database.create()   # idempotent
+    yield database
+    database.close()

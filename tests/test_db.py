@@ -4,22 +4,8 @@ priorities, recovery."""
 import threading
 import time
 
-import pytest
 
-from node.db import Database, InstanceRecord, JobSpec
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request, tmp_path):
-    if request.param == "sqlite":
-        database = Database(f"sqlite:///{tmp_path / 'node.db'}")
-    else:
-        database = Database(request.getfixturevalue("postgres_url"))
-        database.drop_all()
-    database.create()
-    database.create()   # idempotent
-    yield database
-    database.close()
+from node.db import InstanceRecord, JobSpec
 
 
 def record(db, series="1.2.3", sop="1.2.3.1", study="1.2", path="/x", now=None):

@@ -4,21 +4,8 @@ the worklist."""
 
 import time
 
-import pytest
 
-from node.db import Database, InstanceRecord, JobSpec, NotificationSpec
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request, tmp_path):
-    if request.param == "sqlite":
-        database = Database(f"sqlite:///{tmp_path / 'node.db'}")
-    else:
-        database = Database(request.getfixturevalue("postgres_url"))
-        database.drop_all()
-    database.create()
-    yield database
-    database.close()
+from node.db import InstanceRecord, JobSpec, NotificationSpec
 
 
 def assembled(db, series, study="1.2", jobs=(), forwards=(), now=100.0, accession="A1", forward_priority=2):
