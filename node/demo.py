@@ -22,15 +22,17 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
-from .config import parse_config
+from .config import PRIORITY_NAMES, parse_config
 from .deliver import Peer, send_files
 from .ingest import TRANSFER_SYNTAXES
 from .phantom import make_ct_series
+from .phantom_xr import make_chest_radiograph
 
 if TYPE_CHECKING:
     from .worker import Node
 
 MODEL = "ct-tissue"
+XR_MODEL = "chest-xray-demo"
 
 
 class DemoPacs:
@@ -68,12 +70,12 @@ def find_models_dir() -> Path:
     raise FileNotFoundError(f"no models/{MODEL}/model.toml found (run the demo from the repository)")
 
 
-def ensure_reference_model(models_dir: Path) -> None:
-    """Build ``ct-tissue/model.onnx`` with its script if it is not there yet."""
-    onnx = models_dir / MODEL / "model.onnx"
+def ensure_reference_model(models_dir: Path, name: str = MODEL) -> None:
+    """Build ``<name>/model.onnx`` with its script if it is not there yet."""
+    onnx = models_dir / name / "model.onnx"
     if not onnx.is_file():
         print(f"building the reference model: {onnx}")
-        build = runpy.run_path(str(models_dir / MODEL / "build.py"))["build"]
+        build = runpy.run_path(str(models_dir / name / "build.py"))["build"]
         build(onnx)
 
 
@@ -90,11 +92,13 @@ def run_demo(slices: int = 64, size: int = 256, keep: bool = False) -> int:
     logging.getLogger("node").setLevel(logging.WARNING)
     t_start = time.perf_counter()
     models_dir = find_models_dir()
-    ensure_reference_model(models_dir)
+    for name in (MODEL, XR_MODEL):
+        ensure_reference_model(models_dir, name)
     tmp = tempfile.TemporaryDirectory(prefix="ainode-demo-")
     root = Path(tmp.name)
     print(f"pacs-ai-node demo in {root}")
     print("  ct-tissue is a DEMONSTRATION model (fixed HU thresholds, not trained, not for clinical use)")
+    print("  chest-xray-demo is a DEMONSTRATION model (fitted on synthetic images only, not for clinical use)")
 
     t = time.perf_counter()
     phantom = make_ct_series(root / "scanner", slices=slices, size=size)
@@ -111,7 +115,9 @@ def run_demo(slices: int = 64, size: int = 256, keep: bool = False) -> int:
         "delivery": {"backoff_s": 1.0},
         "destinations": [{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}],
         "routes": [{"name": "ct", "match": {"Modality": "CT"}, "models": [MODEL], "send_to": ["pacs"],
-                    "priority": "routine"}],
+                    "priority": "routine"},
+                   {"name": "chest-xr", "match": {"Modality": ["DX", "CR"]}, "models": [XR_MODEL],
+                    "send_to": ["pacs"], "priority": "routine"}],
     })
     t = time.perf_counter()
     node = Node(config)
@@ -133,7 +139,9 @@ def run_demo(slices: int = 64, size: int = 256, keep: bool = False) -> int:
         print(f"4. waiting for the series to be quiet ({timeout_s:.0f} s), inference and delivery ...")
         ok = _wait_for_results(node, pacs, expect=2, timeout=120)
         t_total = time.perf_counter() - t_start
-        return _summary(node, pacs, phantom, sent_at, t_send, t_total) if ok else 1
+        if not ok or _summary(node, pacs, phantom, sent_at, t_send, t_total):
+            return 1
+        return _triage(node, pacs, root, config.node.port)
     finally:
         node.stop()
         pacs.stop()
@@ -143,6 +151,26 @@ def run_demo(slices: int = 64, size: int = 256, keep: bool = False) -> int:
             print(f"kept {tmp_path}")
         else:
             tmp.cleanup()
+
+
+def _triage(node: Node, pacs: DemoPacs, root: Path, port: int) -> int:
+    """Step 7: two chest radiographs, one with a synthetic opacity; the findings and worklist."""
+    print("7. triage: two synthetic chest radiographs, one with an opacity, go to chest-xray-demo")
+    films = [make_chest_radiograph(root / "xr", seed=k, positive=k == 1, accession=f"DEMOXR000{k + 1}",
+                                   patient_id=f"PHANTOM-XR-000{k + 1}") for k in range(2)]
+    report = send_files([f.path for f in films], Peer("AINODE", "127.0.0.1", port), "XRAYROOM")
+    if not report.ok or not _wait_for_results(node, pacs, expect=4, timeout=120):
+        return 1
+    for job in node.db.jobs_report(2):
+        for f in job["summary"].get("findings", []):
+            verdict = f"POSITIVE, priority {f['priority']}" if f["positive"] else "negative"
+            print(f"   accession {job['accession']}: {f['name']} p={f['probability']:.3f} {verdict} "
+                  f"(SR sent to the PACS)")
+    print("   worklist, most urgent first (ainode worklist):")
+    for row in node.db.worklist(5):
+        models = ", ".join(sorted({j["model"] for j in row["jobs"]}))
+        print(f"   {PRIORITY_NAMES.get(row['priority'], '?'):8s} accession {row['accession']:12s} {models}")
+    return 0
 
 
 def _wait_for_results(node: Node, pacs: DemoPacs, expect: int, timeout: float) -> bool:
