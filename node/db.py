@@ -44,6 +44,10 @@ __all__ = ["Database", "DeliveryRow", "DeliveryStatus", "InstanceRecord", "JobRo
            "NotificationRow", "NotificationSpec", "NotificationStatus", "SeriesRow", "SeriesStatus"]
 
 
+#: Study and series ids remembered by ingest (one look-up per instance saved).
+_ID_CACHE_MAX = 10_000
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -108,7 +112,11 @@ class Database(ReportQueries):
                           transfer_syntax=rec.transfer_syntax, path=rec.path, size=rec.size, received_at=now)
             conn.execute(self._insert(Instance).values(sop_instance_uid=rec.sop_instance_uid, **values)
                          .on_conflict_do_update(index_elements=["sop_instance_uid"], set_=values))
-        # Cache ids only after the commit, so a rolled-back insert is never remembered.
+        # Cache ids only after the commit, so a rolled-back insert is never remembered; the
+        # caches only spare look-ups, so they are simply emptied when they grow large.
+        if len(self._series_ids) > _ID_CACHE_MAX:
+            self._series_ids.clear()
+            self._study_ids.clear()
         self._study_ids[rec.study_uid] = study_id
         self._series_ids[rec.series_uid] = series_id
 
@@ -352,17 +360,9 @@ class Database(ReportQueries):
     def claim_delivery(self, now: float | None = None, lease_s: float = 600.0) -> DeliveryRow | None:
         """Take the most urgent, then longest due, delivery; ``next_attempt_at`` becomes its lease deadline."""
         now = time.time() if now is None else now
-        pick = (select(Delivery.id).where(Delivery.status == DeliveryStatus.PENDING.value,
-                                          Delivery.next_attempt_at <= now)
-                .order_by(Delivery.priority, Delivery.next_attempt_at, Delivery.id).limit(1)
-                .with_for_update(skip_locked=True).scalar_subquery())
-        stmt = (update(Delivery).where(Delivery.id == pick, Delivery.status == DeliveryStatus.PENDING.value)
-                .values(status=DeliveryStatus.SENDING.value, attempts=Delivery.attempts + 1,
-                        next_attempt_at=now + lease_s)
-                .returning(Delivery.id, Delivery.kind, Delivery.job_id, Delivery.series_id,
-                           Delivery.destination, Delivery.attempts, Delivery.priority))
-        with self.engine.begin() as conn:
-            row = conn.execute(stmt).first()
+        row = self._claim_due(Delivery, now, lease_s, (
+            Delivery.id, Delivery.kind, Delivery.job_id, Delivery.series_id, Delivery.destination,
+            Delivery.attempts, Delivery.priority))
         return None if row is None else DeliveryRow(*row)
 
     def finish_delivery(self, delivery_id: int) -> None:
@@ -372,13 +372,7 @@ class Database(ReportQueries):
 
     def defer_delivery(self, delivery_id: int, error: str, next_attempt_at: float | None) -> None:
         """Record a failed attempt: retry at ``next_attempt_at``, or give up when it is None."""
-        values: dict[str, Any] = {"error": error[:2000]}
-        if next_attempt_at is None:
-            values.update(status=DeliveryStatus.FAILED.value, finished_at=time.time())
-        else:
-            values.update(status=DeliveryStatus.PENDING.value, next_attempt_at=next_attempt_at)
-        with self.engine.begin() as conn:
-            conn.execute(update(Delivery).where(Delivery.id == delivery_id).values(**values))
+        self._defer_attempt(Delivery, delivery_id, error, next_attempt_at)
 
     def hold_destination(self, destination: str, until: float) -> int:
         """Push every pending delivery to ``destination`` to ``until`` at the earliest.
@@ -393,27 +387,45 @@ class Database(ReportQueries):
                 Delivery.next_attempt_at < until).values(next_attempt_at=until)).rowcount
 
     def next_delivery_due(self) -> float | None:
-        with self.engine.connect() as conn:
-            return conn.execute(select(func.min(Delivery.next_attempt_at))
-                                .where(Delivery.status == DeliveryStatus.PENDING.value)).scalar()
+        return self._next_due(Delivery)
 
+    # Deliveries and notifications share one lifecycle (pending -> sending -> done/sent, with
+    # failed attempts back to pending at a later time, or failed): these three serve both.
+    def _claim_due(self, table: type[Delivery] | type[Notification], now: float, lease_s: float,
+                   returning: Sequence[Any]) -> Any:
+        """Take the most urgent due row; its ``next_attempt_at`` becomes the lease deadline."""
+        pick = (select(table.id).where(table.status == DeliveryStatus.PENDING.value, table.next_attempt_at <= now)
+                .order_by(table.priority, table.next_attempt_at, table.id).limit(1)
+                .with_for_update(skip_locked=True).scalar_subquery())   # PostgreSQL; SQLite ignores it
+        stmt = (update(table).where(table.id == pick, table.status == DeliveryStatus.PENDING.value)
+                .values(status=DeliveryStatus.SENDING.value, attempts=table.attempts + 1,
+                        next_attempt_at=now + lease_s)
+                .returning(*returning))
+        with self.engine.begin() as conn:
+            return conn.execute(stmt).first()
+
+    def _defer_attempt(self, table: type[Delivery] | type[Notification], row_id: int, error: str,
+                       next_attempt_at: float | None) -> None:
+        values: dict[str, Any] = {"error": error[:2000]}
+        if next_attempt_at is None:
+            values.update(status=DeliveryStatus.FAILED.value, finished_at=time.time())
+        else:
+            values.update(status=DeliveryStatus.PENDING.value, next_attempt_at=next_attempt_at)
+        with self.engine.begin() as conn:
+            conn.execute(update(table).where(table.id == row_id).values(**values))
+
+    def _next_due(self, table: type[Delivery] | type[Notification]) -> float | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.min(table.next_attempt_at))
+                                .where(table.status == DeliveryStatus.PENDING.value)).scalar()
 
     # --------------------------------------------------------- notifications
     def claim_notification(self, now: float | None = None, lease_s: float = 300.0) -> NotificationRow | None:
         """Take the most urgent due notification; ``next_attempt_at`` becomes its lease deadline."""
         now = time.time() if now is None else now
-        pick = (select(Notification.id).where(Notification.status == NotificationStatus.PENDING.value,
-                                              Notification.next_attempt_at <= now)
-                .order_by(Notification.priority, Notification.next_attempt_at, Notification.id)
-                .limit(1).with_for_update(skip_locked=True).scalar_subquery())
-        stmt = (update(Notification).where(Notification.id == pick,
-                                           Notification.status == NotificationStatus.PENDING.value)
-                .values(status=NotificationStatus.SENDING.value, attempts=Notification.attempts + 1,
-                        next_attempt_at=now + lease_s)
-                .returning(Notification.id, Notification.job_id, Notification.subject, Notification.payload,
-                           Notification.attempts))
-        with self.engine.begin() as conn:
-            row = conn.execute(stmt).first()
+        row = self._claim_due(Notification, now, lease_s, (
+            Notification.id, Notification.job_id, Notification.subject, Notification.payload,
+            Notification.attempts))
         return None if row is None else NotificationRow(*row)
 
     def finish_notification(self, notification_id: int) -> None:
@@ -423,18 +435,10 @@ class Database(ReportQueries):
 
     def defer_notification(self, notification_id: int, error: str, next_attempt_at: float | None) -> None:
         """Record a failed attempt: retry at ``next_attempt_at``, or give up when it is None."""
-        values: dict[str, Any] = {"error": error[:2000]}
-        if next_attempt_at is None:
-            values.update(status=NotificationStatus.FAILED.value, finished_at=time.time())
-        else:
-            values.update(status=NotificationStatus.PENDING.value, next_attempt_at=next_attempt_at)
-        with self.engine.begin() as conn:
-            conn.execute(update(Notification).where(Notification.id == notification_id).values(**values))
+        self._defer_attempt(Notification, notification_id, error, next_attempt_at)
 
     def next_notification_due(self) -> float | None:
-        with self.engine.connect() as conn:
-            return conn.execute(select(func.min(Notification.next_attempt_at))
-                                .where(Notification.status == NotificationStatus.PENDING.value)).scalar()
+        return self._next_due(Notification)
 
     def retry_notification(self, notification_id: int) -> bool:
         """Operator retry of a failed notification."""

@@ -428,15 +428,22 @@ class Node:
 
     # ------------------------------------------------------------- deliver
     def _deliver_loop(self) -> None:
+        self._claim_loop(self.db.claim_delivery, self.db.next_delivery_due, self._deliveries_ready,
+                         self.process_delivery)
+
+    def _claim_loop(self, claim: Callable[[], Any], next_due: Callable[[], float | None],
+                    ready: threading.Event, process: Callable[[Any], None]) -> None:
+        """Claim and process due items until stopped; between them, sleep until the next is
+        due (at most IDLE_WAIT_S) or ``ready`` is set."""
         while not self._stop.is_set():
-            delivery = self.db.claim_delivery()
-            if delivery is None:
-                due = self.db.next_delivery_due()
+            item = claim()
+            if item is None:
+                due = next_due()
                 wait = IDLE_WAIT_S if due is None else min(IDLE_WAIT_S, max(MIN_RETRY_WAIT_S, due - time.time()))
-                self._deliveries_ready.wait(wait)
-                self._deliveries_ready.clear()
+                ready.wait(wait)
+                ready.clear()
                 continue
-            self.process_delivery(delivery)
+            process(item)
 
     def process_delivery(self, delivery: DeliveryRow) -> None:
         """Send one claimed delivery; success, a scheduled retry or failure; never raises."""
@@ -479,15 +486,8 @@ class Node:
 
     # -------------------------------------------------------------- notify
     def _notify_loop(self) -> None:
-        while not self._stop.is_set():
-            note = self.db.claim_notification()
-            if note is None:
-                due = self.db.next_notification_due()
-                wait = IDLE_WAIT_S if due is None else min(IDLE_WAIT_S, max(MIN_RETRY_WAIT_S, due - time.time()))
-                self._notifications_ready.wait(wait)
-                self._notifications_ready.clear()
-                continue
-            self.process_notification(note)
+        self._claim_loop(self.db.claim_notification, self.db.next_notification_due, self._notifications_ready,
+                         self.process_notification)
 
     def process_notification(self, note: NotificationRow) -> None:
         """Post one claimed notification; sent, a scheduled retry or failed; never raises."""
