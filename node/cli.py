@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Sequence
 import pydicom
 
 from . import __version__
-from .config import Config, load_config
+from .config import PRIORITY_NAMES, Config, load_config
 from .errors import ConfigError, NodeError
 
 if TYPE_CHECKING:
@@ -158,6 +158,17 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _json_or_empty(args: argparse.Namespace, rows: list, empty: str) -> bool:
+    """Print ``rows`` as JSON when ``--json`` asks for it (True: nothing more to print);
+    otherwise say ``empty`` when there are no rows."""
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return True
+    if not rows and empty:
+        print(empty)
+    return False
+
+
 def _db(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from .db import Database
 
@@ -216,15 +227,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_jobs(args: argparse.Namespace) -> int:
     db = _db(args)
     rows = db.jobs_report(args.limit)
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    if _json_or_empty(args, rows, "no jobs"):
         return 0
-    if not rows:
-        print("no jobs")
-    prio = {0: "stat", 1: "urgent", 2: "routine"}
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"]))
-        print(f"#{r['id']:<5} {when}  {r['status']:8s} {prio.get(r['priority'], '?'):8s} {r['model']:16s} "
+        print(f"#{r['id']:<5} {when}  {r['status']:8s} {PRIORITY_NAMES.get(r['priority'], '?'):8s} {r['model']:16s} "
               f"{r['modality']:3s} {r['description'][:30]:30s} acc={r['accession']}")
         if r["error"]:
             print(f"       error: {r['error']}")
@@ -239,14 +246,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_worklist(args: argparse.Namespace) -> int:
-    from .config import PRIORITY_NAMES
-
     rows = _db(args).worklist(args.limit)
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    if _json_or_empty(args, rows, "no analysed studies"):
         return 0
-    if not rows:
-        print("no analysed studies")
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["received_at"]))
         notes = ", ".join(f"{k} {v}" for k, v in sorted(r["notifications"].items()))
@@ -267,8 +269,6 @@ def cmd_worklist(args: argparse.Namespace) -> int:
 
 
 def cmd_notifications(args: argparse.Namespace) -> int:
-    from .config import PRIORITY_NAMES
-
     db = _db(args)
     if args.retry is not None:
         done = db.retry_notification(args.retry)
@@ -278,11 +278,8 @@ def cmd_notifications(args: argparse.Namespace) -> int:
         print(message)
         return 0 if done else 1
     rows = db.notifications_report(args.limit)
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    if _json_or_empty(args, rows, "no notifications"):
         return 0
-    if not rows:
-        print("no notifications")
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"]))
         p = r["payload"]
@@ -309,11 +306,8 @@ def cmd_routes_test(args: argparse.Namespace) -> int:
 
 def cmd_routes_log(args: argparse.Namespace) -> int:
     rows = _db(args).routing_report(args.limit)
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    if _json_or_empty(args, rows, "no series received"):
         return 0
-    if not rows:
-        print("no series received")
     for r in reversed(rows):
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_received_at"]))
         print(f"{when}  series {r['series_uid']} ({r['modality'] or '?'} {r['description']!r}) from "
@@ -338,8 +332,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     db = _db(args)
     rows = db.audit_report(args.limit, args.action)
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    if _json_or_empty(args, rows, ""):
         return 0
     for r in reversed(rows):
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
