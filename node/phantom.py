@@ -227,14 +227,13 @@ def _ds(value: float) -> str:
     raise ValueError(f"cannot write {value} as a DS")
 
 
-def _template(size: int, pixel_spacing: float, slice_spacing: float, ts: UID, *,
-              signed: bool, patient_id: str, patient_name: str, study_uid: str,
-              series_uid: str, for_uid: str, accession: str,
-              series_description: str) -> Dataset:
-    """The dataset shared by every slice; the per-slice attributes are set by the caller."""
+def synthetic_header(sop_class: str, sop_uid: str, ts: UID, modality: str, *, study_uid: str,
+                     series_uid: str, accession: str, patient_id: str, patient_name: str, device: str,
+                     study_description: str, series_description: str) -> Dataset:
+    """The patient, study, series and equipment attributes every synthetic image shares."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = study_uid
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ts
     meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
     meta.ImplementationVersionName = f"AINODE_{__version__}"[:16]
@@ -242,31 +241,44 @@ def _template(size: int, pixel_spacing: float, slice_spacing: float, ts: UID, *,
     ds = Dataset()
     ds.file_meta = meta
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = study_uid
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
     ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = "20250101"
     ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = "120000"
     ds.AccessionNumber = accession
-    ds.Modality = "CT"
+    ds.Modality = modality
     ds.Manufacturer = "pacs-ai-node"
-    ds.ManufacturerModelName = "Synthetic phantom"
+    ds.ManufacturerModelName = device
     ds.SoftwareVersions = __version__
     ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "Synthetic chest CT"
+    ds.StudyDescription = study_description
     ds.SeriesDescription = series_description
     ds.PatientName = patient_name
     ds.PatientID = patient_id
     ds.PatientBirthDate = ""
     ds.PatientSex = "O"
     ds.BodyPartExamined = "CHEST"
-    ds.SliceThickness = _ds(slice_spacing)
-    ds.KVP = "120"
-    ds.PatientPosition = "HFS"
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
     ds.StudyID = "1"
     ds.SeriesNumber = 1
+    return ds
+
+
+def _template(size: int, pixel_spacing: float, slice_spacing: float, ts: UID, *,
+              signed: bool, patient_id: str, patient_name: str, study_uid: str,
+              series_uid: str, for_uid: str, accession: str,
+              series_description: str) -> Dataset:
+    """The dataset shared by every slice; the per-slice attributes are set by the caller."""
+    ds = synthetic_header(CTImageStorage, study_uid, ts, "CT", study_uid=study_uid, series_uid=series_uid,
+                          accession=accession, patient_id=patient_id, patient_name=patient_name,
+                          device="Synthetic phantom", study_description="Synthetic chest CT",
+                          series_description=series_description)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.BodyPartExamined = "CHEST"
+    ds.SliceThickness = _ds(slice_spacing)
+    ds.KVP = "120"
+    ds.PatientPosition = "HFS"
     ds.AcquisitionNumber = 1
     ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
     ds.FrameOfReferenceUID = for_uid

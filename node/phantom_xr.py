@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_encoder
 from pydicom.uid import (
@@ -27,10 +27,9 @@ from pydicom.uid import (
     ExplicitVRLittleEndian, JPEGLosslessSV1, RLELossless,
 )
 
-from . import __version__
 from .phantom import (
-    IMPLEMENTATION_CLASS_UID, SUPPORTED_TRANSFER_SYNTAXES, _ds, _jpeg_lossless_sv1, _uid,
-    _write_deflated,
+    SUPPORTED_TRANSFER_SYNTAXES, _ds, _jpeg_lossless_sv1, _uid,
+    _write_deflated, synthetic_header,
 )
 
 BITS_STORED = 12
@@ -193,35 +192,12 @@ def _encode(stored: np.ndarray, ts: UID, photometric: str) -> bytes:
 def _dataset(rows: int, cols: int, pixel_spacing: float, ts: UID, monochrome1: bool, *,
              patient_id: str, patient_name: str, study_uid: str, series_uid: str,
              sop_uid: str, accession: str) -> Dataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ts
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = f"AINODE_{__version__}"[:16]
-
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds = synthetic_header(DigitalXRayImageStorageForPresentation, sop_uid, ts, "DX", study_uid=study_uid,
+                          series_uid=series_uid, accession=accession, patient_id=patient_id,
+                          patient_name=patient_name, device="Synthetic radiograph",
+                          study_description="Synthetic chest radiograph", series_description="Chest PA (synthetic)")
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = "20250101"
-    ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = "120000"
-    ds.AccessionNumber = accession
-    ds.Modality = "DX"
     ds.PresentationIntentType = "FOR PRESENTATION"
-    ds.Manufacturer = "pacs-ai-node"
-    ds.ManufacturerModelName = "Synthetic radiograph"
-    ds.SoftwareVersions = __version__
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "Synthetic chest radiograph"
-    ds.SeriesDescription = "Chest PA (synthetic)"
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
-    ds.BodyPartExamined = "CHEST"
     chest = Dataset()
     chest.CodeValue, chest.CodingSchemeDesignator, chest.CodeMeaning = "51185008", "SCT", "Chest"
     ds.AnatomicRegionSequence = [chest]
@@ -232,10 +208,6 @@ def _dataset(rows: int, cols: int, pixel_spacing: float, ts: UID, monochrome1: b
     ds.ViewCodeSequence = [view]
     ds.PositionerType = "COLUMN"
     ds.PatientOrientation = ["L", "F"]
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.StudyID = "1"
-    ds.SeriesNumber = 1
     ds.InstanceNumber = 1
     ds.AcquisitionContextSequence = []
     ds.BurnedInAnnotation = "NO"
