@@ -140,27 +140,17 @@ def _dataset(**overrides) -> Dataset:
     return ds
 
 
-def _store(port: int, ds: Dataset, abstract=None) -> int | None:
+def _store(port: int, item: Dataset | Path) -> int | None:
+    """C-STORE a data set, or a file as its bytes stand (pynetdicom does not decode a file
+    given by path); returns the status."""
+    meta = pydicom.dcmread(item, stop_before_pixels=True).file_meta if isinstance(item, Path) else None
     ae = AE(ae_title="FUZZER")
-    ae.add_requested_context(abstract or ds.SOPClassUID, ExplicitVRLittleEndian)
+    ae.add_requested_context(meta.MediaStorageSOPClassUID if meta else item.SOPClassUID,
+                             meta.TransferSyntaxUID if meta else ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
     assert assoc.is_established
     try:
-        status = assoc.send_c_store(ds)
-        return int(status.Status) if status else None
-    finally:
-        assoc.release()
-
-
-def _send_raw_file(port: int, path: Path) -> int | None:
-    """C-STORE a file as its bytes stand (pynetdicom does not decode a file given by path)."""
-    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
-    ae = AE(ae_title="FUZZER")
-    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
-    assert assoc.is_established
-    try:
-        status = assoc.send_c_store(path)
+        status = assoc.send_c_store(item)
         return int(status.Status) if status else None
     finally:
         assoc.release()
@@ -178,7 +168,7 @@ def test_bad_input_is_answered_and_the_node_keeps_serving(dcmtk, make_node, tmp_
     blob = whole.read_bytes()
     cut = tmp_path / "truncated.dcm"
     cut.write_bytes(blob[:blob.index(b"X" * 200) + 50])
-    assert _send_raw_file(node.port, cut) == 0xC000
+    assert _store(node.port, cut) == 0xC000
     # A non-image SOP class (Basic Text SR) is stored like any other object.
     text_sr = _dataset(SOPClassUID="1.2.840.10008.5.1.4.1.1.88.11", SOPInstanceUID="1.2.826.0.1.3680043.10.1.9",
                        Modality="SR")
