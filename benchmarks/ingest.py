@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from node.phantom import make_ct_series  # noqa: E402
+from node.synthetic.ct import make_ct_series  # noqa: E402
 
 DCMTK = Path("/usr/bin")
 ENV = {**os.environ, "TCP_NODELAY": "1"}

@@ -34,12 +34,12 @@ from onnx import TensorProto, helper, numpy_helper
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from node.encode import encode_classification, encode_segmentation  # noqa: E402
-from node.infer import ModelRuntime  # noqa: E402
-from node.manifest import load_manifest  # noqa: E402
-from node.phantom import make_ct_series  # noqa: E402
-from node.phantom_xr import make_chest_radiograph  # noqa: E402
-from node.volume import load_series  # noqa: E402
+from node.results.encode import encode_classification, encode_segmentation  # noqa: E402
+from node.inference.runtime import ModelRuntime  # noqa: E402
+from node.inference.manifest import load_manifest  # noqa: E402
+from node.synthetic.ct import make_ct_series  # noqa: E402
+from node.synthetic.radiograph import make_chest_radiograph  # noqa: E402
+from node.inference.volume import load_series  # noqa: E402
 
 STAGES = ("decode", "preprocess", "run", "postprocess", "encode")
 VOL3D_TOML = """

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Sequence
 
 import pydicom
 
-from . import __version__
-from .config import PRIORITY_NAMES, Config, load_config
-from .errors import ConfigError, NodeError
+from node import __version__
+from node.config.schema import PRIORITY_NAMES, Config, load_config
+from node.errors import ConfigError, NodeError
 
 if TYPE_CHECKING:
-    from .worker import Node
+    from node.worker import Node
 
 DEFAULT_CONFIG = Path("config/node.toml")
 PID_FILE = "ainode.pid"
@@ -49,7 +49,7 @@ def _config(path: str | None) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .worker import Node
+    from node.worker import Node
 
     path = _config_path(args.config)
     config = load_config(path)
@@ -129,7 +129,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from .deliver import echo, parse_peer
+    from node.dicom.deliver import echo, parse_peer
 
     peer = parse_peer(args.peer)
     t = time.perf_counter()
@@ -139,7 +139,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from .deliver import parse_peer, send_files
+    from node.dicom.deliver import parse_peer, send_files
 
     peer = parse_peer(args.to)
     files: list[Path] = []
@@ -170,7 +170,7 @@ def _json_or_empty(args: argparse.Namespace, rows: list, empty: str) -> bool:
 
 
 def _db(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from .db import Database
+    from node.storage.db import Database
 
     config = _config(args.config)
     db = Database(config.node.effective_database_url)
@@ -180,7 +180,7 @@ def _db(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def node_status(config: Config) -> dict | None:
     """What ``data_dir/status.json`` says about the node, with ``running`` worked out."""
-    from .worker import STATUS_FILE
+    from node.worker import STATUS_FILE
 
     path = config.node.data_dir / STATUS_FILE
     if not path.is_file():
@@ -294,7 +294,7 @@ def cmd_notifications(args: argparse.Namespace) -> int:
 
 
 def cmd_routes_test(args: argparse.Namespace) -> int:
-    from .routestest import explain_paths
+    from node.routing.explain import explain_paths
 
     config = _config(args.config)
     association = {"CallingAETitle": args.calling_aet, "CalledAETitle": args.called_aet or config.node.ae_title,
@@ -342,7 +342,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .manifest import discover
+    from node.inference.manifest import discover
 
     config = _config(args.config)
     packages = discover(config.inference.models_dir)
@@ -352,7 +352,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _models_list(config: Config, packages: dict[str, Path]) -> int:
-    from .manifest import load_manifest
+    from node.inference.manifest import load_manifest
 
     if not packages:
         print(f"no model packages in {config.inference.models_dir}")
@@ -373,9 +373,9 @@ def _models_list(config: Config, packages: dict[str, Path]) -> int:
 def _models_check(args: argparse.Namespace, config: Config, packages: dict[str, Path]) -> int:
     import numpy as np
 
-    from .infer import ModelRuntime
-    from .manifest import load_manifest
-    from .volume import SeriesVolume
+    from node.inference.runtime import ModelRuntime
+    from node.inference.manifest import load_manifest
+    from node.inference.volume import SeriesVolume
 
     if args.name not in packages:
         print(f"no model {args.name!r} in {config.inference.models_dir}", file=sys.stderr)
@@ -412,7 +412,7 @@ def _models_check(args: argparse.Namespace, config: Config, packages: dict[str, 
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from node.demo import run_demo
 
     return run_demo(slices=args.slices, size=args.size, keep=args.keep)
 

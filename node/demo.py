@@ -22,14 +22,14 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
-from .config import PRIORITY_NAMES, parse_config
-from .deliver import Peer, send_files
-from .ingest import TRANSFER_SYNTAXES
-from .phantom import make_ct_series
-from .phantom_xr import make_chest_radiograph
+from node.config.schema import PRIORITY_NAMES, parse_config
+from node.dicom.deliver import Peer, send_files
+from node.dicom.listener import TRANSFER_SYNTAXES
+from node.synthetic.ct import make_ct_series
+from node.synthetic.radiograph import make_chest_radiograph
 
 if TYPE_CHECKING:
-    from .worker import Node
+    from node.worker import Node
 
 MODEL = "ct-tissue"
 XR_MODEL = "chest-xray-demo"
@@ -87,7 +87,7 @@ def _free_port() -> int:
 
 def run_demo(slices: int = 64, size: int = 256, keep: bool = False) -> int:
     """Run the tour; returns the process exit code (0 when results came back)."""
-    from .worker import Node
+    from node.worker import Node
 
     logging.getLogger("node").setLevel(logging.WARNING)
     t_start = time.perf_counter()

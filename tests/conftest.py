@@ -462,7 +462,7 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     """The node's database on each backend: a SQLite file, then a PostgreSQL server (emptied)."""
-    from node.db import Database
+    from node.storage.db import Database
     if request.param == "sqlite":
         database = Database(f"sqlite:///{tmp_path / 'node.db'}")
     else:

@@ -5,11 +5,11 @@ import dataclasses
 
 import pytest
 
-from node.assemble import (FIRE, FIRE_INCOMPLETE, NO_MATCH, NOT_YET, WAIT, StudyMember, match_route, plan_series,
+from node.routing.assemble import (FIRE, FIRE_INCOMPLETE, NO_MATCH, NOT_YET, WAIT, StudyMember, match_route, plan_series,
                            plan_study)
-from node.config import parse_config
-from node.db import SeriesRow
-from node.rules import Facts
+from node.config.schema import parse_config
+from node.storage.db import SeriesRow
+from node.config.rules import Facts
 
 CONFIG = parse_config({
     "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242},

@@ -11,8 +11,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import encode
 
-from node.ingest import CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS, Refused, read_header
-from node.store import FileStore, valid_uid
+from node.dicom.listener import CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS, Refused, read_header
+from node.storage.files import FileStore, valid_uid
 
 SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 SOP_UID = "1.2.826.0.1.3680043.10.5.1"

@@ -18,10 +18,10 @@ from pydicom.uid import (
 )
 
 from nodeproc import build_models
-from node.infer import ModelRuntime
-from node.manifest import load_manifest
-from node.phantom_xr import MAX_VALUE, make_chest_radiograph, radiograph_pixels
-from node.volume import load_series
+from node.inference.runtime import ModelRuntime
+from node.inference.manifest import load_manifest
+from node.synthetic.radiograph import MAX_VALUE, make_chest_radiograph, radiograph_pixels
+from node.inference.volume import load_series
 
 MODEL = "chest-xray-demo"
 ROWS, COLS = 300, 256

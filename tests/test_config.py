@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from node.config import load_config, parse_config
+from node.config.schema import load_config, parse_config
 from node.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent

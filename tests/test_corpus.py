@@ -10,7 +10,7 @@ import pydicom
 
 from conftest import free_port
 from node.demo import DemoPacs
-from node.phantom import make_ct_series
+from node.synthetic.ct import make_ct_series
 from nodeproc import NodeProcess, write_config
 
 

@@ -5,7 +5,7 @@ import threading
 import time
 
 
-from node.db import InstanceRecord, JobSpec
+from node.storage.db import InstanceRecord, JobSpec
 
 
 def record(db, series="1.2.3", sop="1.2.3.1", study="1.2", path="/x", now=None):

@@ -5,7 +5,7 @@ the worklist."""
 import time
 
 
-from node.db import InstanceRecord, JobSpec, NotificationSpec
+from node.storage.db import InstanceRecord, JobSpec, NotificationSpec
 
 
 def assembled(db, series, study="1.2", jobs=(), forwards=(), now=100.0, accession="A1", forward_priority=2):

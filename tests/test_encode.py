@@ -13,14 +13,14 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from node.encode import (
+from node.results.encode import (
     SegmentationResult,
     derive_uid,
     encode_classification,
     encode_segmentation,
 )
 from node.errors import InputError
-from node.manifest import (
+from node.inference.manifest import (
     Algorithm,
     Code,
     Finding,

@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from conftest import free_port
-from node.phantom import make_ct_series
+from node.synthetic.ct import make_ct_series
 from nodeproc import REPO, NodeProcess, write_config
 
 VALIDATOR = REPO / "tests" / "tools" / "validate_dicom.sh"   # copy of the CI gate

@@ -15,7 +15,7 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from conftest import free_port
-from node.phantom import make_ct_series
+from node.synthetic.ct import make_ct_series
 from nodeproc import NodeProcess, write_config
 from slowmodel import build_slow_model
 

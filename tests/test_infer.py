@@ -16,9 +16,9 @@ from pydicom.dataset import Dataset
 
 import onnxmodels as om
 from node.errors import InputError
-from node.infer import ModelRuntime
-from node.manifest import load_manifest
-from node.volume import SeriesVolume
+from node.inference.runtime import ModelRuntime
+from node.inference.manifest import load_manifest
+from node.inference.volume import SeriesVolume
 
 CPU = ["CPUExecutionProvider"]
 MARGIN = 1e-4

@@ -14,8 +14,8 @@ import onnxmodels as om
 from conftest import free_port
 from nodeproc import REPO, write_config
 from node.errors import ConfigError
-from node.infer import ModelRuntime
-from node.manifest import load_manifest
+from node.inference.runtime import ModelRuntime
+from node.inference.manifest import load_manifest
 
 CPU = ["CPUExecutionProvider"]
 W3 = np.ones((3, 1, 3, 3), np.float32)

@@ -14,8 +14,8 @@ from pydicom.uid import JPEGLSLossless
 
 import onnxmodels as om
 from conftest import free_port
-from node.phantom import make_ct_series
-from node.phantom_xr import make_chest_radiograph
+from node.synthetic.ct import make_ct_series
+from node.synthetic.radiograph import make_chest_radiograph
 from nodeproc import REPO, NodeProcess, build_models, write_config
 
 VALIDATOR = REPO / "tests" / "tools" / "validate_dicom.sh"

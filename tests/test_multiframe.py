@@ -13,11 +13,11 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from nodeproc import REPO, build_models
-from node.encode import encode_segmentation
-from node.infer import ModelRuntime
-from node.manifest import load_manifest
-from node.phantom import make_ct_series
-from node.volume import load_series
+from node.results.encode import encode_segmentation
+from node.inference.runtime import ModelRuntime
+from node.inference.manifest import load_manifest
+from node.synthetic.ct import make_ct_series
+from node.inference.volume import load_series
 
 VALIDATOR = REPO / "tests" / "tools" / "validate_dicom.sh"
 _COPIED = ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "FrameOfReferenceUID",

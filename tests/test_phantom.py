@@ -17,8 +17,8 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGLosslessSV1, UID,
 )
 
-from node.phantom import SUPPORTED_TRANSFER_SYNTAXES, make_ct_series, phantom_volume
-from node.volume import load_series
+from node.synthetic.ct import SUPPORTED_TRANSFER_SYNTAXES, make_ct_series, phantom_volume
+from node.inference.volume import load_series
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = REPO / "models" / "ct-tissue" / "build.py"
@@ -225,7 +225,7 @@ def _fibonacci_row() -> tuple[np.ndarray, np.ndarray]:
 def test_jpeg_lossless_encoder_edge_cases(name):
     from libjpeg import decode                     # pylibjpeg-libjpeg, a project dependency
 
-    from node.phantom import _huffman_lengths, _jpeg_lossless_sv1
+    from node.synthetic.ct import _huffman_lengths, _jpeg_lossless_sv1
     rng = np.random.default_rng(1)
     img = {"constant": np.full((17, 33), 1234, np.uint16),
            "one pixel": np.array([[7]], np.uint16),

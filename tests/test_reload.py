@@ -6,7 +6,7 @@ import re
 import pytest
 
 from conftest import free_port
-from node.config import parse_config
+from node.config.schema import parse_config
 from node.errors import ConfigError
 from node.worker import Node
 from nodeproc import build_models

@@ -19,7 +19,7 @@ from pynetdicom import AE
 
 from conftest import free_port
 from node.demo import DemoPacs
-from node.phantom import make_ct_series
+from node.synthetic.ct import make_ct_series
 from nodeproc import NodeProcess, build_models, write_config
 from slowmodel import build_slow_model
 from tinymodels import FindingSpec, build_classifier

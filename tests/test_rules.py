@@ -14,9 +14,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from node.config import parse_config
+from node.config.schema import parse_config
 from node.errors import ConfigError
-from node.rules import Facts, compile_rule
+from node.config.rules import Facts, compile_rule
 
 ASSOCIATION = {"CallingAETitle": "CT1", "CalledAETitle": "AINODE", "CallerAddress": "10.1.2.3"}
 

@@ -12,9 +12,9 @@ import pydicom
 import pytest
 
 from conftest import free_port
-from node.config import parse_config
-from node.deliver import Peer, send_files
-from node.phantom import make_ct_series
+from node.config.schema import parse_config
+from node.dicom.deliver import Peer, send_files
+from node.synthetic.ct import make_ct_series
 from node.worker import Node
 from nodeproc import build_models
 
@@ -77,16 +77,16 @@ def test_study_route_waits_for_quiet_and_complete_study_then_merges_with_series_
     send(node, scout)
     send(node, axial)
     now = time.time()
-    assert node.assemble_once(now + 2) == 2
+    assert node.assembler.assemble_once(now + 2) == 2
     # the series-level route ran at once; the study-level one only explains itself
     assert rows(node, "select model, routes, destinations from jobs") == [
         ("ct-tissue", '["axial-now"]', '["pacs"]')]
     explained = json.loads(rows(node, "select routes from series where description = 'Axial 5 mm'")[0][0])
     assert "waits until the study is quiet for 30 s" in explained["chest-study"]["reason"]
 
-    assert node.assemble_studies(now + 2) == 0                  # not quiet for 30 s yet
+    assert node.assembler.assemble_studies(now + 2) == 0                  # not quiet for 30 s yet
     assert rows(node, "select count(*) from study_routes") == [(0,)]
-    assert node.assemble_studies(now + STUDY_TIMEOUT_S + 2) == 0  # quiet, but no coronal series
+    assert node.assembler.assemble_studies(now + STUDY_TIMEOUT_S + 2) == 0  # quiet, but no coronal series
     [(state, reason)] = rows(node, "select state, reason from study_routes")
     assert state == "waiting" and "SeriesDescription is '*coronal*'" in reason
     assert "route chest-study waiting for a series with" in caplog.text
@@ -95,9 +95,9 @@ def test_study_route_waits_for_quiet_and_complete_study_then_merges_with_series_
     coronal = series(tmp_path, study_uid, "Coronal MPR")
     send(node, coronal)
     now = time.time()
-    assert node.assemble_once(now + 2) == 1
-    assert node.assemble_studies(now + 2) == 0                  # the study is not quiet again yet
-    assert node.assemble_studies(now + STUDY_TIMEOUT_S + 2) == 1
+    assert node.assembler.assemble_once(now + 2) == 1
+    assert node.assembler.assemble_studies(now + 2) == 0                  # the study is not quiet again yet
+    assert node.assembler.assemble_studies(now + STUDY_TIMEOUT_S + 2) == 1
     assert rows(node, "select state from study_routes") == [("fired",)]
     jobs = dict(rows(node, "select series.description, jobs.routes || ' ' || jobs.destinations || ' ' || "
                            "jobs.priority || ' ' || jobs.status from jobs join series on jobs.series_id = series.id"))
@@ -109,6 +109,6 @@ def test_study_route_waits_for_quiet_and_complete_study_then_merges_with_series_
     forwards = rows(node, "select series.description, destination from deliveries join series "
                           "on deliveries.series_id = series.id where kind = 'forward' order by 1")
     assert forwards == [("Axial 5 mm", "archive"), ("Coronal MPR", "archive")]
-    assert node.assemble_studies(now + STUDY_TIMEOUT_S + 60) == 0     # decided for this content: once
+    assert node.assembler.assemble_studies(now + STUDY_TIMEOUT_S + 60) == 0     # decided for this content: once
     assert len(rows(node, "select id from deliveries where kind = 'forward'")) == 2
     assert "study " + study_uid + ": route chest-study fired: 2 of 3 series match" in caplog.text

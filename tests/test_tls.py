@@ -7,7 +7,7 @@ import time
 import pydicom
 
 from conftest import free_port
-from node.phantom import make_ct_series
+from node.synthetic.ct import make_ct_series
 from nodeproc import NodeProcess, write_config
 from tlscerts import make_ca
 

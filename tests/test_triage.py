@@ -2,11 +2,11 @@
 
 import pytest
 
-from node.config import parse_config
-from node.db import JobRow, SeriesRow
+from node.config.schema import parse_config
+from node.storage.db import JobRow, SeriesRow
 from node.errors import ConfigError
-from node.notify import webhook_url
-from node.triage import triage
+from node.routing.notify import webhook_url
+from node.routing.triage import triage
 
 CONFIG = parse_config({
     "node": {"ae_title": "AINODE"},

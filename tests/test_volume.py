@@ -15,8 +15,8 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID
 
 from node.errors import InputError
-from node.phantom import SUPPORTED_TRANSFER_SYNTAXES, make_ct_series, phantom_volume
-from node.volume import load_series
+from node.synthetic.ct import SUPPORTED_TRANSFER_SYNTAXES, make_ct_series, phantom_volume
+from node.inference.volume import load_series
 
 SLICES, SIZE, SEED = 16, 64, 7
 

@@ -28,10 +28,10 @@ from onnx import TensorProto, helper, numpy_helper
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))          # the repository's `node` package
 
-from node.manifest import load_manifest  # noqa: E402
-from node.phantom_xr import radiograph_pixels  # noqa: E402
-from node.preprocess import model_planes  # noqa: E402
-from node.volume import SeriesVolume  # noqa: E402
+from node.inference.manifest import load_manifest  # noqa: E402
+from node.synthetic.radiograph import radiograph_pixels  # noqa: E402
+from node.inference.preprocess import model_planes  # noqa: E402
+from node.inference.volume import SeriesVolume  # noqa: E402
 
 OPSET = 17
 IR_VERSION = 8

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .manifest import InputSpec
-from .volume import SeriesVolume
+from node.inference.manifest import InputSpec
+from node.inference.volume import SeriesVolume
 
 #: A zero-width intensity range (a blank image) is normalised with this denominator.
 MIN_RANGE = 1e-6

@@ -1,6 +1,6 @@
-"""The database's read-only reports for the command line (part of :class:`node.db.Database`).
+"""The database's read-only reports for the command line (part of :class:`node.storage.db.Database`).
 
-Kept apart from the queue's state changes in :mod:`node.db` only for size; every query of the
+Kept apart from the queue's state changes in :mod:`node.storage.db` only for size; every query of the
 node is in these two modules.
 """
 
@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from .schema import AuditEvent, Delivery, Instance, Job, JobStatus, Notification, Series, Study, StudyRoute
+from node.storage.schema import AuditEvent, Delivery, Instance, Job, JobStatus, Notification, Series, Study, StudyRoute
 
 
 class ReportQueries:

@@ -15,8 +15,8 @@ from typing import Any
 
 import pydicom.uid
 
-from .errors import ConfigError
-from .tomlcheck import Table, load_toml
+from node.errors import ConfigError
+from node.config.toml import Table, load_toml
 
 TASKS = ("segmentation", "classification")
 INPUT_KINDS = ("image", "slices", "volume")

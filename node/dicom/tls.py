@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ssl
 
-from .config import TlsSection
-from .errors import ConfigError
+from node.config.schema import TlsSection
+from node.errors import ConfigError
 
 
 def server_context(cfg: TlsSection) -> ssl.SSLContext:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
-from .manifest import ModelManifest
+from node.errors import ConfigError
+from node.inference.manifest import ModelManifest
 
 _ONNX_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 _FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)")

@@ -31,13 +31,13 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
-from .config import Config
-from .db import Database, InstanceRecord
-from .store import FileStore, valid_uid
-from .tls import server_context
-from .transport import FastRequestHandler
+from node.config.schema import Config
+from node.storage.db import Database, InstanceRecord
+from node.storage.files import FileStore, valid_uid
+from node.dicom.tls import server_context
+from node.dicom.transport import FastRequestHandler
 
-log = logging.getLogger("node.ingest")
+log = logging.getLogger("node.dicom.listener")
 
 # C-STORE response statuses (PS3.4 B.2.3, PS3.7 C.4.2.1.4)
 SUCCESS = 0x0000

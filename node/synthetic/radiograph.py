@@ -8,7 +8,7 @@ image here resembles a real patient closely enough to mean anything clinically.
 
 Images are written as Digital X-Ray Image Storage - For Presentation (modality DX), 12 bits
 stored, with ImagerPixelSpacing, MONOCHROME2 or MONOCHROME1 (stored values inverted, same
-displayed image), in any transfer syntax of :data:`node.phantom.SUPPORTED_TRANSFER_SYNTAXES`.
+displayed image), in any transfer syntax of :data:`node.synthetic.ct.SUPPORTED_TRANSFER_SYNTAXES`.
 The same arguments always give the same pixels and UIDs.
 """
 
@@ -27,7 +27,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian, JPEGLosslessSV1, RLELossless,
 )
 
-from .phantom import (
+from node.synthetic.ct import (
     SUPPORTED_TRANSFER_SYNTAXES, _ds, _jpeg_lossless_sv1, _uid,
     _write_deflated, synthetic_header,
 )

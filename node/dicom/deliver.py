@@ -7,7 +7,6 @@ association per call, each file in its own transfer syntax when the peer accepts
 from __future__ import annotations
 
 import logging
-import random
 import re
 import ssl
 from collections import OrderedDict
@@ -21,10 +20,10 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
-from .errors import DeliveryError
-from .transport import tune
+from node.errors import DeliveryError
+from node.dicom.transport import tune
 
-log = logging.getLogger("node.deliver")
+log = logging.getLogger("node.dicom.deliver")
 
 _PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:@]+):(?P<port>\d{1,5})$")
 _MAX_CONTEXTS = 128
@@ -180,9 +179,3 @@ def _why(assoc: object) -> str:
         return "rejected by the peer (check its AE title configuration)"
     # pynetdicom reports a refused TCP connection as an abort too
     return "failed: peer not reachable, refused the connection or aborted"
-
-
-def backoff(attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
-    """Seconds before attempt ``attempt + 1``: exponential, capped, with +-10% jitter."""
-    delay = min(cap_s, base_s * (2 ** max(0, attempt - 1)))
-    return delay * (0.9 + 0.2 * (rng or random).random())

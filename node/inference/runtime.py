@@ -1,7 +1,7 @@
 """Infer: run a model package on a series with ONNX Runtime.
 
 One :class:`ModelRuntime` per model, created once, checked against its graph
-(:mod:`node.graph`) and warmed up with one run on a synthetic input. Execution providers are
+(:mod:`node.inference.graph`) and warmed up with one run on a synthetic input. Execution providers are
 taken in the configured order among those this ONNX Runtime build offers; the provider that
 really runs is logged once. Without a usable GPU the node says so in one line and runs on
 the CPU. On CUDA and TensorRT, inputs and outputs go through an IOBinding.
@@ -11,7 +11,7 @@ By input kind:
 * ``image`` — one 2D image, resized (stretched or aspect kept and padded), one run;
 * ``slices`` — the planes of a stack in batches of ``batch_size``, output restacked;
 * ``volume`` — resampled to the target grid, sliding-window patches blended with a Gaussian
-  importance map (:mod:`node.sliding`), output resampled back to the source grid.
+  importance map (:mod:`node.inference.sliding`), output resampled back to the source grid.
 """
 
 from __future__ import annotations
@@ -25,17 +25,17 @@ import numpy as np
 import onnxruntime as ort
 from pydicom.uid import UID
 
-from .errors import ConfigError, InputError
-from .graph import GraphIO, channel_axis, check_graph, check_output, spatial_axes, warmup_shape
-from .manifest import ModelManifest
-from .preprocess import (
+from node.errors import ConfigError, InputError
+from node.inference.graph import GraphIO, channel_axis, check_graph, check_output, spatial_axes, warmup_shape
+from node.inference.manifest import ModelManifest
+from node.inference.preprocess import (
     Intensity, Placement, apply_intensity, from_model_plane, intensity_for, model_planes,
     placement, resample, resample_chunks, target_shape,
 )
-from .sliding import sliding_window
-from .volume import SeriesVolume
+from node.inference.sliding import sliding_window
+from node.inference.volume import SeriesVolume
 
-log = logging.getLogger("node.infer")
+log = logging.getLogger("node.inference.runtime")
 
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider",
                   "DmlExecutionProvider", "CoreMLExecutionProvider")

@@ -43,7 +43,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 
-from .errors import ConfigError
+from node.errors import ConfigError
 
 #: Keys that are facts of the association rather than DICOM attributes.
 ASSOCIATION_FACTS = ("CallingAETitle", "CalledAETitle", "CallerAddress")

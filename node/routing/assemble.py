@@ -2,7 +2,7 @@
 
 A series is complete when no instance arrived for ``series_timeout_s``. Its header (read from
 one stored file, without pixels) and the association's facts (calling and called AE titles,
-the sender's address) are then matched against every route's rule (:mod:`node.rules`).
+the sender's address) are then matched against every route's rule (:mod:`node.config.rules`).
 
 * A **series-level** route that matches adds its models (one job per series and model; when
   several routes name the same model, the job gets the most urgent priority and the union of
@@ -27,11 +27,11 @@ from typing import Any, Mapping, Sequence
 
 import pydicom
 
-from .config import ORIGIN, Config, Route
-from .db import JobSpec, SeriesRow
-from .rules import Facts
+from node.config.schema import ORIGIN, Config, Route
+from node.storage.db import JobSpec, SeriesRow
+from node.config.rules import Facts
 
-log = logging.getLogger("node.assemble")
+log = logging.getLogger("node.routing.assemble")
 
 FIRE = "fired"
 FIRE_INCOMPLETE = "fired-incomplete"

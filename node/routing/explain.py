@@ -1,7 +1,7 @@
 """``ainode routes test``: which routes match the series in some files, and why not.
 
 Reads headers only (no pixels), groups the files by study and series, and runs the very
-functions the node runs when a series or a study is complete (:mod:`node.assemble`), with the
+functions the node runs when a series or a study is complete (:mod:`node.routing.assemble`), with the
 association facts given on the command line.
 """
 
@@ -16,12 +16,12 @@ from typing import Mapping, Sequence
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from .assemble import StudyMember, plan_series, plan_study
-from .config import PRIORITY_NAMES, Config
-from .db import SeriesRow, SeriesStatus
-from .rules import Facts
+from node.routing.assemble import StudyMember, plan_series, plan_study
+from node.config.schema import PRIORITY_NAMES, Config
+from node.storage.db import SeriesRow, SeriesStatus
+from node.config.rules import Facts
 
-log = logging.getLogger("node.routestest")
+log = logging.getLogger("node.routing.explain")
 
 
 def explain_paths(config: Config, paths: Sequence[Path], association: Mapping[str, str]) -> list[str]:

@@ -3,7 +3,7 @@
 Every key has a default. An unknown key or a bad value raises :class:`ConfigError` with the
 key's full name (``routes[1].send_to[0]: no destination named 'pac'``), so the node refuses to
 start rather than run with a setting it silently "fixed". Route rules are compiled here, once,
-by :mod:`node.rules`. A running node reads a new configuration on SIGHUP (see
+by :mod:`node.config.rules`. A running node reads a new configuration on SIGHUP (see
 :meth:`node.worker.Node.reload`).
 """
 
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .rules import ASSOCIATION_FACTS, COMBINATIONS, MATCH_ALL, Bounds, Group, compile_bounds, compile_rule
-from .tomlcheck import Table, load_toml
+from node.errors import ConfigError
+from node.config.rules import ASSOCIATION_FACTS, COMBINATIONS, MATCH_ALL, Bounds, Group, compile_bounds, compile_rule
+from node.config.toml import Table, load_toml
 
 PRIORITIES = {"stat": 0, "urgent": 1, "routine": 2}
 PRIORITY_NAMES = {rank: name for name, rank in PRIORITIES.items()}

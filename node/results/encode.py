@@ -22,9 +22,9 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from . import __version__
-from .errors import InputError
-from .manifest import Algorithm, Code as ManifestCode, ModelManifest
+from node import __version__
+from node.errors import InputError
+from node.inference.manifest import Algorithm, Code as ManifestCode, ModelManifest
 
 SEG_SERIES_NUMBER = 9901
 SEGMENTATION_SR_SERIES_NUMBER = 9902
@@ -95,7 +95,7 @@ def encode_segmentation(sources: Sequence[pydicom.Dataset], masks: np.ndarray,
     ``masks`` is boolean ``(slices, rows, columns, segments)`` with channel ``i`` being
     ``manifest.segments[i]``. Segments may overlap and may be empty. For an enhanced
     multi-frame image, ``sources`` repeats its dataset once per slice and ``frames`` gives
-    each slice's 1-based frame number (as :class:`~node.volume.SeriesVolume` has them).
+    each slice's 1-based frame number (as :class:`~node.inference.volume.SeriesVolume` has them).
 
     Raises:
         InputError: the masks do not match the sources or the manifest, or the series

@@ -2,7 +2,7 @@
 
 :func:`load_models` loads every model the routes name (reusing the warm sessions of unchanged
 packages on a reload) and checks the ``on_result`` actions against the models' findings and
-segments; :func:`effective_config` keeps the settings a running listener cannot change.
+segments.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import Config
-from .errors import ConfigError
-from .infer import ModelRuntime
-from .manifest import ModelManifest, discover, load_manifest
+from node.config.schema import Config
+from node.errors import ConfigError
+from node.inference.runtime import ModelRuntime
+from node.inference.manifest import ModelManifest, discover, load_manifest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,25 +78,3 @@ def _mtime(path: Path) -> int:
         return path.stat().st_mtime_ns
     except OSError:
         return 0
-
-
-#: Settings the running listener and file store were built with; a reload cannot change them.
-RESTART_KEYS = ("node.ae_title", "node.host", "node.port", "node.data_dir", "node.database_url",
-                "node.max_associations", "ingest.allowed_calling_aets", "ingest.allowed_addresses",
-                "ingest.max_pdu_size", "ingest.fsync", "ingest.processes", "tls.enabled", "tls.cert_file",
-                "tls.key_file", "tls.ca_file", "tls.require_client_cert")
-
-
-def _setting(config: Config, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(config, section), name, None)
-
-
-def effective_config(old: Config, new: Config) -> tuple[Config, list[str]]:
-    """``new`` with the :data:`RESTART_KEYS` settings of ``old``; and a line per such setting
-    that differs (it needs a restart)."""
-    restart = [f"{key} ({_setting(old, key)!r} -> {_setting(new, key)!r}) needs a restart"
-               for key in RESTART_KEYS if _setting(old, key) != _setting(new, key)]
-    keep = {k.split(".")[1]: _setting(old, k) for k in RESTART_KEYS if k.startswith("ingest.")}
-    effective = dataclasses.replace(new, node=old.node, tls=old.tls, ingest=dataclasses.replace(new.ingest, **keep))
-    return effective, restart

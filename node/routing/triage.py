@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .assemble import resolve
-from .config import PRIORITIES, PRIORITY_NAMES, Config, OnResult
-from .db import JobRow, NotificationSpec, SeriesRow
+from node.routing.assemble import resolve
+from node.config.schema import PRIORITIES, PRIORITY_NAMES, Config, OnResult
+from node.storage.db import JobRow, NotificationSpec, SeriesRow
 
 #: Notification kinds, as written into the payload's ``event``.
 EVENT_FINDING = "positive_finding"

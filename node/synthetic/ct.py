@@ -30,7 +30,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless, UID,
 )
 
-from . import __version__
+from node import __version__
 
 SUPPORTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,

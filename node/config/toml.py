@@ -1,6 +1,6 @@
 """Reading TOML tables strictly: every key known, every value of the right type.
 
-Used by :mod:`node.config` and :mod:`node.manifest` so that a wrong key or value stops the
+Used by :mod:`node.config.schema` and :mod:`node.inference.manifest` so that a wrong key or value stops the
 node at start with a message that names it (``routes[0].priority: ...``).
 """
 
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from .errors import ConfigError
+from node.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

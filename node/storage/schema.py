@@ -1,6 +1,6 @@
 """The database schema: every table, state and row type of the node, and no queries.
 
-:mod:`node.db` owns every query over these tables. New tables and columns appear on a fresh
+:mod:`node.storage.db` owns every query over these tables. New tables and columns appear on a fresh
 database through ``create_all`` (idempotent); there are no deployed databases to migrate yet.
 """
 

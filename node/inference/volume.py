@@ -33,7 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
 from pydicom.uid import JPEGLSLossless, JPEGLSNearLossless, RLELossless
 
-from .errors import InputError
+from node.errors import InputError
 
 ORIENTATION_TOL = 1e-3
 DUPLICATE_TOL_MM = 0.01

@@ -18,9 +18,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import NotifySection
-from .errors import ConfigError, RetryableError
+from node import __version__
+from node.config.schema import NotifySection
+from node.errors import ConfigError, RetryableError
 
 USER_AGENT = f"pacs-ai-node/{__version__}"
 _ERROR_BODY_CHARS = 200

@@ -1,0 +1,34 @@
+"""What a reload may change: the settings a running listener was built with stay.
+
+:func:`effective_config` keeps those settings (:data:`RESTART_KEYS`) and names the ones that
+changed, for the warning that they need a restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from node.config.schema import Config
+
+
+#: Settings the running listener and file store were built with; a reload cannot change them.
+RESTART_KEYS = ("node.ae_title", "node.host", "node.port", "node.data_dir", "node.database_url",
+                "node.max_associations", "ingest.allowed_calling_aets", "ingest.allowed_addresses",
+                "ingest.max_pdu_size", "ingest.fsync", "ingest.processes", "tls.enabled", "tls.cert_file",
+                "tls.key_file", "tls.ca_file", "tls.require_client_cert")
+
+
+def _setting(config: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name, None)
+
+
+def effective_config(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """``new`` with the :data:`RESTART_KEYS` settings of ``old``; and a line per such setting
+    that differs (it needs a restart)."""
+    restart = [f"{key} ({_setting(old, key)!r} -> {_setting(new, key)!r}) needs a restart"
+               for key in RESTART_KEYS if _setting(old, key) != _setting(new, key)]
+    keep = {k.split(".")[1]: _setting(old, k) for k in RESTART_KEYS if k.startswith("ingest.")}
+    effective = dataclasses.replace(new, node=old.node, tls=old.tls, ingest=dataclasses.replace(new.ingest, **keep))
+    return effective, restart
