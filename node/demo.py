@@ -8,7 +8,6 @@ the demo then reads to print what came back, beside the phantom's known volumes.
 from __future__ import annotations
 
 import logging
-import runpy
 import socket
 import sys
 import tempfile
@@ -23,6 +22,8 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from node.config.schema import PRIORITY_NAMES, parse_config
+from node.inference.manifest import load_manifest
+from node.inference.models import build_reference_model
 from node.dicom.deliver import Peer, send_files
 from node.dicom.listener import TRANSFER_SYNTAXES
 from node.synthetic.ct import make_ct_series
@@ -72,11 +73,10 @@ def find_models_dir() -> Path:
 
 def ensure_reference_model(models_dir: Path, name: str = MODEL) -> None:
     """Build ``<name>/model.onnx`` with its script if it is not there yet."""
-    onnx = models_dir / name / "model.onnx"
-    if not onnx.is_file():
-        print(f"building the reference model: {onnx}")
-        build = runpy.run_path(str(models_dir / name / "build.py"))["build"]
-        build(onnx)
+    manifest = load_manifest(models_dir / name)
+    if not manifest.onnx_path.is_file():
+        print(f"building the reference model: {manifest.onnx_path}")
+        build_reference_model(manifest)
 
 
 def _free_port() -> int:

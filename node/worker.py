@@ -79,12 +79,27 @@ class Inference(Stage):
 
     def run_loop(self) -> None:
         while not self.stopping:
-            job = self.db.claim_job()
+            job = self.claim()
             if job is None:
                 self.sleep(1.0)
                 continue
             with self._heartbeat(job.id):
                 self.process_job(job)
+
+    def claim(self) -> JobRow | None:
+        """The next job to run. A job is counted at each claim, so one that was running when
+        the node died each time (a model that crashes the process, say) is failed after
+        :data:`MAX_JOB_ATTEMPTS` instead of crash-looping the node."""
+        while (job := self.db.claim_job()) is not None:
+            if job.attempts <= MAX_JOB_ATTEMPTS:
+                return job
+            series = self.db.get_series(job.series_id)
+            reason = (f"interrupted {job.attempts - 1} times (the node stopped while it ran, each time); "
+                      f"not run again until `ainode retry {job.id}`")
+            log.error("job %d (%s on series %s) failed: %s", job.id, job.model, series.series_uid, reason,
+                      extra={"job_id": job.id})
+            self.db.fail_job(job.id, reason)
+        return None
 
     @contextlib.contextmanager
     def _heartbeat(self, job_id: int) -> Iterator[None]:
@@ -119,8 +134,9 @@ class Inference(Stage):
             if isinstance(exc, NodeError):
                 log.error("%s: %s (attempt %d%s)", where, exc, job.attempts, ", will retry" if again else "")
             else:
-                log.exception("%s: unexpected error (attempt %d%s)", where, job.attempts,
-                              ", will retry" if again else "")
+                log.error("%s: unexpected %s: %s (attempt %d%s; traceback at DEBUG)", where, type(exc).__name__,
+                          str(exc)[:300], job.attempts, ", will retry" if again else "")
+                log.debug("%s: traceback", where, exc_info=True)
             self.db.fail_job(job.id, f"{type(exc).__name__}: {exc}", retry=again)
             return
         try:
@@ -141,12 +157,13 @@ class Inference(Stage):
         log.info("%s done in %.2f s: %s", where, sum(summary["timings"].values()),
                  ", ".join(f"{k} {v:.2f}s" for k, v in summary["timings"].items()),
                  extra={"job_id": job.id, "timings": summary["timings"]})
+        phi = state.config.logging.phi         # the accession number only when allowed
         for f in outcome.positives:
-            log.warning("POSITIVE %s (p=%.3f, priority %s) by %s in study %s, accession %s, series %s",
+            log.warning("POSITIVE %s (p=%.3f, priority %s) by %s in study %s, %sseries %s, job %d",
                         f["name"], f["probability"], f.get("priority", "?"), job.model, series.study_uid,
-                        series.accession or "-", series.series_uid,
+                        f"accession {series.accession or '-'}, " if phi else "", series.series_uid, job.id,
                         extra={"job_id": job.id, "finding": f["name"], "probability": f["probability"],
-                               "study_uid": series.study_uid, "accession": series.accession})
+                               "study_uid": series.study_uid, **({"accession": series.accession} if phi else {})})
         for line in outcome.fired:
             log.info("%s: on_result %s", where, line, extra={"job_id": job.id, "on_result": line})
         self.wake_deliveries()
@@ -216,6 +233,7 @@ class Node:
         self.ingest = Ingest(config, self.store, self.db)
         self._client_tls = client_context(config.tls) if any(d.tls for d in config.destinations) else None
         self._stop = threading.Event()
+        self._started = False
         self._ingest_processes: list[multiprocessing.process.BaseProcess] = []
         current = lambda: self._state.config  # noqa: E731 - read at every item: a reload swaps it
         self.dispatch = Dispatcher(self._stop, self.db, current, lambda: self._client_tls)
@@ -286,6 +304,7 @@ class Node:
                      removed, given_back)
         extra = self.config.ingest.processes - 1
         self.ingest.start(reuse_port=extra > 0)
+        self._started = True
         spawn = multiprocessing.get_context("spawn")
         for k in range(extra):
             proc = spawn.Process(target=serve_ingest_only, args=(self.config,), name=f"ingest-{k + 2}", daemon=True)
@@ -309,7 +328,8 @@ class Node:
         for stage in self.stages:
             stage.join(deadline)
         self.db.close()
-        self._write_status(stopped_at=time.time())
+        if self._started:
+            self._write_status(stopped_at=time.time())
 
     def _write_status(self, **changes: float) -> None:
         """Write ``data_dir/status.json`` (pid, listener, models and their providers)."""

@@ -11,12 +11,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 REPO = Path(__file__).resolve().parent.parent
+#: How long a node may take to start: models are built, loaded and warmed up first, and a
+#: busy CI machine is slow. A bound, not a wait: start() returns as soon as the node answers.
+START_TIMEOUT_S = 180.0
 
 
 _BUILT: dict[str, bytes] = {}          # model name -> ONNX bytes, built once per test process
@@ -74,7 +77,15 @@ class NodeProcess:
     ae_title: str = "AINODE"
     process: subprocess.Popen | None = field(default=None, repr=False)
 
-    def start(self, timeout: float = 30.0) -> "NodeProcess":
+    def start(self, timeout: float = START_TIMEOUT_S) -> "NodeProcess":
+        """Start ``ainode serve`` and wait until it answers C-ECHO (models warm up first)."""
+        return self._start(self.echo, "answer C-ECHO", timeout)
+
+    def start_waiting_for(self, text: str, timeout: float = START_TIMEOUT_S) -> "NodeProcess":
+        """Start ``ainode serve`` and wait until its log shows ``text`` (a TLS listener, say)."""
+        return self._start(lambda: text in self.log_text(), f"log {text!r}", timeout)
+
+    def _start(self, ready: Callable[[], bool], what: str, timeout: float) -> "NodeProcess":
         out = self.log.open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
@@ -84,10 +95,10 @@ class NodeProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"ainode serve exited with {self.process.returncode}:\n{self.log_text()}")
-            if self.echo():
+            if ready():
                 return self
             time.sleep(0.1)
-        raise AssertionError(f"ainode serve did not answer C-ECHO within {timeout} s:\n{self.log_text()}")
+        raise AssertionError(f"ainode serve did not {what} within {timeout} s:\n{self.log_text()}")
 
     def echo(self) -> bool:
         ae = AE(ae_title="PROBE")

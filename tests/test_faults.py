@@ -113,7 +113,7 @@ def test_kill_during_ingest(node, tmp_path):
     acked: list[str] = []
     sender = threading.Thread(target=send_counting, args=(node.port, list(phantom.files), acked))
     sender.start()
-    wait_until(lambda: len(acked) >= 20, 30, "20 instances acknowledged")
+    wait_until(lambda: len(acked) >= 20, 120, "20 instances acknowledged")
     node.kill()
     sender.join(30)
     assert 20 <= len(acked) < 60
@@ -121,7 +121,7 @@ def test_kill_during_ingest(node, tmp_path):
     assert_store_consistent(node, acked)
     assert not list((node.data_dir / "tmp").glob("*.part")), "partial files left behind"
     send_counting(node.port, list(phantom.files), [])      # the scanner sends the study again
-    wait_until(lambda: len(pacs.received) == 2, 60, "SEG and SR delivered")
+    wait_until(lambda: len(pacs.received) == 2, 120, "SEG and SR delivered")
     assert db_rows(node, "select count(*) from instances") == [(60,)]
     pacs.stop()
 
@@ -135,23 +135,46 @@ def test_kill_while_working(node, tmp_path, phase):
     send_counting(node.port, list(phantom.files), acked)
     assert len(acked) == 8
     if phase == "inference":
-        wait_until(lambda: db_rows(node, "select 1 from jobs where status = 'running'"), 30, "job running")
-        time.sleep(0.5)                           # inside the model's ~1.5 s run
+        wait_until(lambda: db_rows(node, "select 1 from jobs where status = 'running'"), 120, "job running")
     else:
-        wait_until(lambda: db_rows(node, "select 1 from deliveries where status = 'sending'"), 60,
-                   "delivery sending")
-        time.sleep(0.5)                           # the PACS is busy with the SEG
+        wait_until(lambda: db_rows(node, "select 1 from deliveries where status = 'sending'"), 120,
+                   "delivery sending")            # the PACS holds the SEG for 1.5 s
     node.kill()
     stuck = db_rows(node, "select count(*) from jobs where status = 'running'")[0][0] + \
         db_rows(node, "select count(*) from deliveries where status = 'sending'")[0][0]
     assert stuck == 1, "the kill must have happened with work in progress"
     pacs.delay_s = 0.0
     node.start()
-    wait_until(lambda: db_rows(node, "select status from deliveries") == [("done",)], 60, "delivery done")
+    wait_until(lambda: db_rows(node, "select status from deliveries") == [("done",)], 120, "delivery done")
     assert db_rows(node, "select status, attempts from jobs") == \
         [("done", 2 if phase == "inference" else 1)]
     assert len(pacs.received) == 2, "one SEG and one SR: a re-send reuses the same UIDs"
     assert db_rows(node, "select count(*) from jobs where status = 'running'") == [(0,)]
     assert_store_consistent(node, acked)
     assert "recovered after restart" in node.log_text()
+    pacs.stop()
+
+
+def test_a_job_that_kills_the_node_each_time_fails_after_three_interruptions(node, tmp_path):
+    """A job running whenever the node dies (a model that crashes the process, say) is counted
+    at each claim, so the node does not crash-loop on it: the fourth claim fails it."""
+    phantom = make_ct_series(tmp_path / "ct", slices=8, size=64)
+    pacs = SlowPacs(node.pacs_port)
+    acked: list[str] = []
+    for attempt in range(1, 4):
+        node.start()
+        if attempt == 1:
+            send_counting(node.port, list(phantom.files), acked)
+            assert len(acked) == 8
+        wait_until(lambda: db_rows(node, "select attempts from jobs where status = 'running'") == [(attempt,)],
+                   120, f"job running, attempt {attempt}")
+        node.kill()                                # the job "crashed the node" once more
+    node.start()
+    status = wait_until(lambda: [r for r in db_rows(node, "select status, error from jobs") if r[0] == "failed"],
+                        120, "job failed")
+    assert status[0][1].startswith("interrupted 3 times"), status
+    assert "failed: interrupted 3 times (the node stopped while it ran, each time)" in node.log_text()
+    retried = node.cli("retry", "1")             # an operator can still run it on purpose
+    assert retried.returncode == 0 and "queued again" in retried.stdout
+    wait_until(lambda: db_rows(node, "select status from deliveries") == [("done",)], 120, "delivery done")
     pacs.stop()

@@ -30,8 +30,7 @@ def test_tls_listener_and_tls_delivery(dcmtk, storescp, models_dir, tmp_path):
     })
     node = NodeProcess(config=config, port=port, data_dir=tmp_path / "data", log=tmp_path / "node.log")
     try:
-        node.process = None
-        _start_without_echo(node)
+        node.start_waiting_for("serving")      # a plain C-ECHO cannot reach a TLS listener
         phantom = make_ct_series(tmp_path / "ct", slices=6, size=64)
         files = [str(f) for f in phantom.files]
         # Plain TCP is refused by a TLS listener.
@@ -52,17 +51,3 @@ def test_tls_listener_and_tls_delivery(dcmtk, storescp, models_dir, tmp_path):
         assert "(DICOM TLS)" in node.log_text()
     finally:
         node.stop()
-
-
-def _start_without_echo(node: NodeProcess, timeout: float = 30.0) -> None:
-    """Start the node; a plain C-ECHO cannot reach a TLS listener, so wait for its log line."""
-    import subprocess
-    import sys
-    from nodeproc import REPO
-    node.process = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(node.config)],
-                                    stdout=node.log.open("ab"), stderr=subprocess.STDOUT, cwd=str(REPO))
-    deadline = time.time() + timeout
-    while "serving" not in node.log_text():
-        assert node.process.poll() is None, node.log_text()
-        assert time.time() < deadline, node.log_text()
-        time.sleep(0.1)

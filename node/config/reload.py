@@ -13,10 +13,11 @@ from node.config.schema import Config
 
 
 #: Settings the running listener and file store were built with; a reload cannot change them.
-RESTART_KEYS = ("node.ae_title", "node.host", "node.port", "node.data_dir", "node.database_url",
+RESTART_KEYS = ("node.ae_title", "node.name", "node.host", "node.port", "node.data_dir", "node.database_url",
                 "node.max_associations", "ingest.allowed_calling_aets", "ingest.allowed_addresses",
-                "ingest.max_pdu_size", "ingest.fsync", "ingest.processes", "tls.enabled", "tls.cert_file",
-                "tls.key_file", "tls.ca_file", "tls.require_client_cert")
+                "ingest.max_pdu_size", "ingest.association_timeout_s", "ingest.max_associations_per_address",
+                "ingest.fsync", "ingest.processes", "tls.enabled", "tls.cert_file", "tls.key_file",
+                "tls.ca_file", "tls.require_client_cert")
 
 
 def _setting(config: Config, key: str) -> Any:

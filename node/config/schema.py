@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ class NodeSection:
     data_dir: Path = Path("var")
     database_url: str = ""
     max_associations: int = 16
+    name: str = field(default_factory=socket.gethostname)   # this node among others on one data_dir
 
     @property
     def effective_database_url(self) -> str:
@@ -54,6 +56,8 @@ class IngestSection:
     fsync: bool = True
     max_pdu_size: int = 1048576
     processes: int = 1                          # listener processes sharing the port
+    association_timeout_s: float = 5.0          # ARTIM: the A-ASSOCIATE-RQ (and TLS handshake) deadline
+    max_associations_per_address: int = 8       # connections one source address may hold open
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,11 @@ class TlsSection:
     key_file: str = ""
     ca_file: str = ""                # CAs that sign peers' certificates
     require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    phi: bool = False                # patient name, patient ID and accession number in log lines
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,7 @@ class Config:
     notify: NotifySection = field(default_factory=NotifySection)
     retention: RetentionSection = field(default_factory=RetentionSection)
     tls: TlsSection = field(default_factory=TlsSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
     destinations: tuple[Destination, ...] = ()
     routes: tuple[Route, ...] = ()
 
@@ -211,8 +221,11 @@ def parse_config(data: dict[str, Any]) -> Config:
         data_dir=Path(n.get("data_dir", str, "var")),
         database_url=n.get("database_url", str, ""),
         max_associations=n.positive("max_associations", int, 16),
+        name=n.get("name", str, "") or socket.gethostname(),
     )
     n.done()
+    if len(node.name) > 64:
+        raise ConfigError("node.name: at most 64 characters")
 
     i = top.table("ingest")
     ingest = IngestSection(
@@ -227,6 +240,8 @@ def parse_config(data: dict[str, Any]) -> Config:
         fsync=i.get("fsync", bool, True),
         max_pdu_size=i.get("max_pdu_size", int, 1048576),
         processes=i.positive("processes", int, 1),
+        association_timeout_s=i.positive("association_timeout_s", float, 5.0),
+        max_associations_per_address=i.positive("max_associations_per_address", int, 8),
     )
     i.done()
     if ingest.min_free_disk_mb < 0:
@@ -259,6 +274,10 @@ def parse_config(data: dict[str, Any]) -> Config:
     r.done()
     if retention.delete_after_h < 0:
         raise ConfigError("retention.delete_after_h: must be 0 (keep forever) or more")
+
+    lg = top.table("logging")
+    logging_ = LoggingSection(phi=lg.get("phi", bool, False))
+    lg.done()
 
     t = top.table("tls")
     tls = TlsSection(enabled=t.get("enabled", bool, False), cert_file=t.get("cert_file", str, ""),
@@ -305,7 +324,8 @@ def parse_config(data: dict[str, Any]) -> Config:
             raise ConfigError(f"routes[{k}].name: {name!r} is used by two routes")
     top.done()
     return Config(node=node, ingest=ingest, inference=inference, delivery=delivery, notify=notify,
-                  retention=retention, tls=tls, destinations=tuple(destinations), routes=tuple(routes))
+                  logging=logging_, retention=retention, tls=tls, destinations=tuple(destinations),
+                  routes=tuple(routes))
 
 
 def _route(t: Table, destinations: list[str], series_timeout_s: float) -> Route:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
@@ -58,11 +58,19 @@ def parse_peer(text: str) -> Peer:
 @dataclass
 class SendReport:
     sent: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)   # (file, why)
+    refused: list[tuple[str, str]] = field(default_factory=list)   # (file, why): the peer said no
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (file, why): we could not read it
+
+    @property
+    def failed(self) -> list[tuple[str, str]]:
+        return self.refused + self.skipped
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.refused and not self.skipped
+
+    def skip(self, path: Path, why: str) -> None:
+        self.skipped.append((str(path), why))
 
 
 def _ae(calling_ae: str, timeout: float) -> AE:
@@ -93,14 +101,46 @@ def echo(peer: Peer, calling_ae: str = "AINODE", timeout: float = 10.0) -> int:
 
 
 def _headers(paths: Iterable[Path]) -> "OrderedDict[Path, tuple[str, str]]":
-    """(SOP Class UID, Transfer Syntax UID) of each file, read from its meta header."""
+    """(SOP Class UID, Transfer Syntax UID) of each file, read from its header.
+
+    Raises:
+        ValueError: a file is cut short (its last element runs past the end of the file, or
+            encapsulated pixel data lacks its closing delimiter) or has no SOP Class UID.
+    """
     out: OrderedDict[Path, tuple[str, str]] = OrderedDict()
     for path in paths:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        ds = dcmread(path, defer_size=1024)     # large values are not read, only their place
+        _check_complete(path, ds)
         ts = str(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
         sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", ""))
+        if not sop_class:
+            raise ValueError("no SOP Class UID (an empty or cut data set)")
         out[path] = (sop_class, ts)
     return out
+
+
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _check_complete(path: Path, ds: Dataset) -> None:
+    """pydicom reads a cut file without a word; DCMTK refuses it. Refuse it too, before a
+    peer is sent half an instance."""
+    if not len(ds):
+        raise ValueError("no data set after the file meta information")
+    last = ds.get_item(max(ds.keys()), keep_deferred=True)
+    tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
+    if tell is None or length is None:
+        return
+    size = path.stat().st_size
+    if length == _UNDEFINED_LENGTH:
+        with path.open("rb") as fh:
+            fh.seek(max(0, size - 8))
+            if fh.read(8) != _SEQUENCE_DELIMITER:
+                raise ValueError(f"truncated: {size} bytes, and its last element "
+                                 f"{last.tag} is not closed by a sequence delimiter")
+    elif tell + length > size:
+        raise ValueError(f"truncated: {size} bytes, but its last element {last.tag} needs {tell + length}")
 
 
 def send_files(paths: Sequence[Path], peer: Peer, calling_ae: str = "AINODE",
@@ -117,7 +157,7 @@ def send_files(paths: Sequence[Path], peer: Peer, calling_ae: str = "AINODE",
         try:
             readable.update(_headers([path]))
         except Exception as exc:  # noqa: BLE001 - a bad file is reported, the rest goes on
-            report.failed.append((str(path), f"not a readable DICOM file: {exc}"))
+            report.skip(path, f"not a readable DICOM file: {type(exc).__name__}: {exc}")
     if not readable:
         return report
     ae = _ae(calling_ae, timeout)
@@ -139,22 +179,28 @@ def send_files(paths: Sequence[Path], peer: Peer, calling_ae: str = "AINODE",
     try:
         accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
         for path, (sop_class, ts) in readable.items():
-            if (sop_class, ts) in accepted:
-                status = assoc.send_c_store(path)          # as stored, not decoded
-            elif ts in _UNCOMPRESSED and any((sop_class, u) in accepted for u in _UNCOMPRESSED):
-                status = assoc.send_c_store(dcmread(path))  # re-encoded by pynetdicom
-            else:
-                report.failed.append((str(path), f"peer accepts no context for {sop_class} in {ts}"))
+            try:
+                if (sop_class, ts) in accepted:
+                    status = assoc.send_c_store(path)          # as stored, not decoded
+                elif ts in _UNCOMPRESSED and any((sop_class, u) in accepted for u in _UNCOMPRESSED):
+                    status = assoc.send_c_store(dcmread(path))  # re-encoded by pynetdicom
+                else:
+                    report.refused.append((str(path), f"peer accepts no context for {sop_class} in {ts}"))
+                    continue
+            except Exception as exc:  # noqa: BLE001 - a truncated or broken file: skip it, send the rest
+                if not assoc.is_established:
+                    raise DeliveryError(f"{peer}: association lost while sending {path.name}") from None
+                report.skip(path, f"cannot be read to send: {type(exc).__name__}: {exc}")
                 continue
             if not assoc.is_established:
                 raise DeliveryError(f"{peer}: association lost while sending {path.name}")
             code = int(status.Status) if status and "Status" in status else None
             if code is None:
-                report.failed.append((str(path), "no response (timeout or aborted)"))
+                report.refused.append((str(path), "no response (timeout or aborted)"))
             elif code in _SUCCESS_OR_WARNING:
                 report.sent += 1
             else:
-                report.failed.append((str(path), f"peer answered status 0x{code:04X}"))
+                report.refused.append((str(path), f"peer answered status 0x{code:04X}"))
     finally:
         if assoc.is_established:
             assoc.release()

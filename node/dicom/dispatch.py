@@ -60,7 +60,8 @@ class Dispatcher(ClaimStage[DeliveryRow]):
         except NodeError as exc:
             error = str(exc)
         except Exception as exc:  # noqa: BLE001 - any network failure is a retry, not a crash
-            log.exception("%s: unexpected error", where)
+            log.error("%s: unexpected %s: %s (traceback at DEBUG)", where, type(exc).__name__, str(exc)[:300])
+            log.debug("%s: traceback", where, exc_info=True)
             error = f"{type(exc).__name__}: {exc}"
         if not error:
             self.db.finish_delivery(delivery.id)

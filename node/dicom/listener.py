@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import signal
-import socket
 import socketserver
 import threading
 import time
@@ -26,16 +25,20 @@ from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndia
                          JPEGExtended12Bit, JPEGLosslessSV1, JPEGLossless, JPEGLSLossless,
                          JPEGLSNearLossless, RLELossless, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K)
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dsutils import decode, encode_file_meta
 from pynetdicom.sop_class import Verification
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
 
 from node.config.schema import Config
+from node.errors import NodeError
 from node.storage.db import Database, InstanceRecord
 from node.storage.files import FileStore, valid_uid
 from node.dicom.tls import server_context
-from node.dicom.transport import FastRequestHandler
+from node.dicom.server import ListenerServer
+from node.dicom.transport import FastRequestHandler, FastSocket, PeerLimits, quiet_pynetdicom
 
 log = logging.getLogger("node.dicom.listener")
 
@@ -68,6 +71,21 @@ class IngestStats:
     bytes: int = 0
 
 
+#: The longest UID a peer's command set may carry before the association is aborted; longer
+#: than 64 characters but up to this is answered with a status by the C-STORE handler.
+_MAX_COMMAND_UID = 1024
+
+
+def _lenient_ui(value: Any) -> tuple[bool, str]:
+    """pynetdicom's UI validator for received command sets: an invalid UID (too long, bad
+    characters) reaches our handler, which answers it with a named status instead of an A-ABORT."""
+    if not isinstance(value, str):
+        return False, "must be a str"
+    if len(value) > _MAX_COMMAND_UID:
+        return False, f"must not exceed {_MAX_COMMAND_UID} characters"
+    return True, ""
+
+
 class Ingest:
     """The node's storage SCP. ``start()`` listens in background threads; ``stop()`` ends it."""
 
@@ -83,12 +101,15 @@ class Ingest:
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
+        # pynetdicom validates UIDs through this process-wide hook; the UIDs the node sends
+        # are its own (valid), those it receives are checked by read_header().
+        pynetdicom_config.VALIDATORS["UI"] = _lenient_ui
         ae = AE(ae_title=self.config.node.ae_title)
         ae.maximum_pdu_size = self.config.ingest.max_pdu_size
         # Per process: the kernel's spread of connections over several processes is uneven.
         ae.maximum_associations = self.config.node.max_associations
         ae.network_timeout = 60
-        ae.acse_timeout = 30
+        ae.acse_timeout = self.config.ingest.association_timeout_s   # ARTIM: the A-ASSOCIATE-RQ's deadline
         ae.dimse_timeout = 60
         if self.config.ingest.allowed_calling_aets:
             ae.require_calling_aet = list(self.config.ingest.allowed_calling_aets)
@@ -113,11 +134,19 @@ class Ingest:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_RELEASED, self._on_released),
         ]
+        quiet_pynetdicom()
         address = (self.config.node.host, self.config.node.port)
         ssl_context = server_context(self.config.tls) if self.config.tls.enabled else None
-        server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context,
-                                     server_class=ReusePortServer if reuse_port else ThreadedAssociationServer,
-                                     request_handler=FastRequestHandler)
+        ingest = self.config.ingest
+        limits = PeerLimits(ingest.max_pdu_size, ingest.association_timeout_s, float(self.ae.network_timeout))
+        server_class = type("ConfiguredListener", (ListenerServer,), {
+            "reuse_port": reuse_port, "per_address": ingest.max_associations_per_address,
+            "total": 2 * self.config.node.max_associations, "peer_limits": limits})
+        try:
+            server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context,
+                                         server_class=server_class, request_handler=FastRequestHandler)
+        except OSError as exc:
+            raise NodeError(f"cannot listen on {address[0]}:{address[1]}: {exc.strerror or exc}") from None
         thread = threading.Thread(target=server.serve_forever, name="ingest-server", daemon=True)
         thread.start()
         self._server = server
@@ -178,6 +207,10 @@ class Ingest:
 
     def _on_aborted(self, event: evt.Event) -> None:
         r = event.assoc.requestor
+        sock = event.assoc.dul.socket
+        if isinstance(sock, FastSocket) and sock.reported:     # its one line is logged already
+            self._audit_association(event, "aborted")
+            return
         log.warning("association from %s at %s aborted; instances acknowledged before it are kept",
                     r.ae_title, r.address)
         self._audit_association(event, "aborted")
@@ -206,8 +239,10 @@ class Ingest:
         calling = event.assoc.requestor.ae_title
         try:
             return self._store(event, sop_uid, calling)
-        except Exception:  # noqa: BLE001 - the peer must get an answer whatever happened
-            log.exception("C-STORE of %s from %s failed unexpectedly", sop_uid, calling)
+        except Exception as exc:  # noqa: BLE001 - the peer must get an answer whatever happened
+            log.error("C-STORE of %s from %s failed unexpectedly: %s: %s (traceback at DEBUG)", sop_uid[:80],
+                      calling, type(exc).__name__, exc)
+            log.debug("C-STORE failure", exc_info=True)
             with self._lock:
                 self.stats.refused += 1
             return PROCESSING_FAILURE
@@ -219,28 +254,45 @@ class Ingest:
         return status
 
     def _store(self, event: evt.Event, sop_uid: str, calling: str) -> int:
-        floor = self.config.ingest.min_free_disk_mb
-        if floor and self.store.free_mb() < floor:
-            return self._refuse(OUT_OF_RESOURCES, "%s from %s: free disk below min_free_disk_mb=%d",
-                                sop_uid, calling, floor)
         request = event.request
         stream: BytesIO = request.DataSet
+        meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+        size = len(meta) + stream.getbuffer().nbytes
+        floor = self.config.ingest.min_free_disk_mb
+        if floor and self.store.free_mb() - size / 1048576 < floor:
+            return self._refuse(OUT_OF_RESOURCES, "%s from %s: free disk below min_free_disk_mb=%d with the %d "
+                                "bytes of this instance", sop_uid[:80], calling, floor, size)
         try:
             header = read_header(stream, event.context.transfer_syntax, sop_uid,
                                  str(request.AffectedSOPClassUID or ""))
         except Refused as exc:
-            return self._refuse(exc.status, "%s from %s: %s", sop_uid or "?", calling, exc)
+            return self._refuse(exc.status, "%s from %s: %s", sop_uid[:80] or "?", calling, exc)
 
         path = self.store.image_path(header.study_uid, header.series_uid, sop_uid)
-        meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-        size = self.store.write_atomic(path, (meta, stream.getbuffer()))
-        self.db.record_instance(InstanceRecord(
-            study_uid=header.study_uid, series_uid=header.series_uid, sop_instance_uid=sop_uid,
-            sop_class_uid=str(request.AffectedSOPClassUID), transfer_syntax=str(event.context.transfer_syntax),
-            path=str(path), size=size, modality=header.modality, patient_id=header.patient_id,
-            accession=header.accession, series_description=header.series_description,
-            calling_aet=calling, called_aet=event.assoc.acceptor.ae_title,
-            caller_address=str(event.assoc.requestor.address or "")[:64]))
+        existed = path.exists()
+        try:
+            size = self.store.write_atomic(path, (meta, stream.getbuffer()))
+        except OSError as exc:          # ENOSPC, EIO, EDQUOT, ...: the temporary file is gone
+            return self._refuse(OUT_OF_RESOURCES, "%s from %s: cannot write the file: %s", sop_uid, calling,
+                                exc.strerror or exc)
+        try:
+            replaced = self.db.record_instance(InstanceRecord(
+                study_uid=header.study_uid, series_uid=header.series_uid, sop_instance_uid=sop_uid,
+                sop_class_uid=str(request.AffectedSOPClassUID),
+                transfer_syntax=str(event.context.transfer_syntax), path=str(path), size=size,
+                modality=header.modality, patient_id=header.patient_id, accession=header.accession,
+                series_description=header.series_description, calling_aet=calling,
+                called_aet=event.assoc.acceptor.ae_title,
+                caller_address=str(event.assoc.requestor.address or "")[:64]))
+        except SQLAlchemyError as exc:  # the database is full, locked for too long or away
+            if not existed:
+                self.store.remove([str(path)])   # no row names it; the sender will send it again
+            return self._refuse(OUT_OF_RESOURCES, "%s from %s: the database did not take the row: %s", sop_uid,
+                                calling, _first_line(exc))
+        if replaced:
+            self.store.remove([replaced])        # the same SOP Instance UID, re-sent in another series
+            log.warning("%s from %s replaces the instance of the same SOP Instance UID in another series",
+                        sop_uid, calling)
         with self._lock:
             self.stats.stored += 1
             self.stats.bytes += size
@@ -251,14 +303,9 @@ class Ingest:
         return SUCCESS
 
 
-class ReusePortServer(ThreadedAssociationServer):
-    """A listener that shares its port with the node's other ingest processes (SO_REUSEPORT:
-    the kernel spreads incoming connections over them)."""
-
-    def server_bind(self) -> None:
-        assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def serve_ingest_only(config: Config) -> None:
@@ -305,6 +352,8 @@ def read_header(stream: BytesIO, transfer_syntax: str, sop_uid: str, sop_class_u
             or invalid (a path is built from them), or it contradicts the request.
     """
     ts = UID(transfer_syntax)
+    if not ts.is_deflated:
+        _check_vr_encoding(stream.getbuffer()[:6].tobytes(), ts)
     stream.seek(0)
     try:
         ds = decode(stream, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
@@ -327,6 +376,28 @@ def read_header(stream: BytesIO, transfer_syntax: str, sop_uid: str, sop_class_u
     return Header(study_uid=values["StudyInstanceUID"], series_uid=values["SeriesInstanceUID"],
                   modality=values["Modality"][:16], patient_id=values["PatientID"][:64],
                   accession=values["AccessionNumber"][:16], series_description=values["SeriesDescription"][:64])
+
+
+_VRS = frozenset(vr.encode() for vr in (
+    "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF", "OL", "OV",
+    "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US", "UT", "UV"))
+
+
+def _check_vr_encoding(head: bytes, ts: UID) -> None:
+    """Refuse a data set whose first element is not encoded as the transfer syntax says.
+
+    pydicom reads either encoding whatever it is told, but the stored file's meta information
+    would then name the wrong transfer syntax and other readers (DCMTK) could not read it.
+    """
+    if len(head) < 6:
+        return                                    # too short to tell; decoding decides
+    explicit = head[4:6] in _VRS
+    if ts.is_implicit_VR and explicit:
+        raise Refused(CANNOT_UNDERSTAND, f"data set is encoded in explicit VR, but the presentation "
+                                         f"context's transfer syntax is {ts.name}")
+    if not ts.is_implicit_VR and not explicit:
+        raise Refused(CANNOT_UNDERSTAND, f"data set is encoded in implicit VR, but the presentation "
+                                         f"context's transfer syntax is {ts.name}")
 
 
 def _text(ds: Dataset, keyword: str) -> str:

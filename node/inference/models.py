@@ -8,6 +8,9 @@ segments.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import runpy
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,6 +18,29 @@ from node.config.schema import Config
 from node.errors import ConfigError
 from node.inference.runtime import ModelRuntime
 from node.inference.manifest import ModelManifest, discover, load_manifest
+
+log = logging.getLogger(__name__)
+
+#: In a shipped reference model's folder: the script that writes its model.onnx.
+BUILD_SCRIPT = "build.py"
+
+
+def build_reference_model(manifest: ModelManifest) -> Path:
+    """Write a shipped reference model's ``model.onnx`` with its own build script, run by
+    this interpreter (the scripts are deterministic: the same bytes every time).
+
+    Raises:
+        ConfigError: the package is not a reference model with a build script.
+    """
+    script = manifest.directory / BUILD_SCRIPT
+    if not manifest.demonstration or not script.is_file():
+        raise ConfigError(f"model {manifest.name}: not a shipped reference model (no {BUILD_SCRIPT}); "
+                          f"export its model.onnx yourself")
+    t = time.perf_counter()
+    runpy.run_path(str(script), run_name="build_reference_model")["build"](manifest.onnx_path)
+    log.info("model %s: built the reference model %s in %.1f s", manifest.name, manifest.onnx_path,
+             time.perf_counter() - t)
+    return manifest.onnx_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +75,11 @@ def load_models(config: Config, previous: NodeState | None = None
                 raise ConfigError(f"routes[{k}].models: model {name!r} (route {route.name}) not found in "
                                   f"{config.inference.models_dir} (have: {', '.join(packages) or 'none'})")
             manifest = load_manifest(packages[name])
+            if not manifest.onnx_path.is_file() and (manifest.directory / BUILD_SCRIPT).is_file() \
+                    and manifest.demonstration:
+                log.info("model %s: %s is missing; building the reference model (deterministic)",
+                         name, manifest.onnx_path)
+                build_reference_model(manifest)
             stamp = (manifest, _mtime(manifest.onnx_path))
             if previous is not None and previous.stamps.get(name) == stamp:
                 runtimes[name] = previous.models[name]

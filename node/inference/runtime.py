@@ -84,7 +84,8 @@ class ModelRuntime:
         if not manifest.onnx_path.is_file():
             hint = manifest.directory / "build.py"
             raise ConfigError(f"model {manifest.name}: {manifest.onnx_path} is missing"
-                              + (f" (build it: python {hint})" if hint.is_file() else ""))
+                              + (" (a shipped reference model: `ainode models build` builds it)"
+                                 if hint.is_file() else " (export it from your framework to ONNX)"))
         chosen = choose_providers(providers)
         options = ort.SessionOptions()
         options.log_severity_level = 3   # errors only: a missing GPU is reported by us, once

@@ -190,9 +190,9 @@ def _read(path: Path) -> list[_Slice]:
                          "(PerFrameFunctionalGroupsSequence)")
     try:
         stored = _stored_pixels(ds)
-    except (ValueError, TypeError, AttributeError, KeyError, NotImplementedError,
-            RuntimeError) as exc:
-        raise InputError(f"{path.name}: pixel data cannot be decoded ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder failure is the input's
+        raise InputError(f"{path.name}: pixel data cannot be decoded ({type(exc).__name__}: "
+                         f"{str(exc)[:200]})") from exc
     for keyword in _PIXEL_KEYWORDS:
         if keyword in ds:
             delattr(ds, keyword)

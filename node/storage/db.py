@@ -27,6 +27,7 @@ take the same row. ``requeue_stalled`` gives back what a dead worker held.
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any, Sequence
 
@@ -53,10 +54,20 @@ _ID_CACHE_MAX = 10_000
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA synchronous=FULL")      # a commit is on disk (the WAL fsynced) when it returns
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _private_sqlite_file(name: str | None) -> None:
+    """Create the SQLite file 0600 before SQLite opens it: its -wal and -shm files get the
+    same mode, and the database holds patient data."""
+    if not name or name == ":memory:" or name.startswith("file:"):
+        return
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    os.chmod(name, 0o600)
 
 
 class Database(QueueQueries, ReportQueries):
@@ -71,6 +82,7 @@ class Database(QueueQueries, ReportQueries):
         self.url = url
         self.engine: Engine = create_engine(url, future=True)
         if self.engine.dialect.name == "sqlite":
+            _private_sqlite_file(self.engine.url.database)
             event.listen(self.engine, "connect", _sqlite_pragmas)
         # Both dialects offer INSERT ... ON CONFLICT with the same API.
         self._insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
@@ -94,10 +106,17 @@ class Database(QueueQueries, ReportQueries):
         self.engine.dispose()
 
     # ---------------------------------------------------------------- ingest
-    def record_instance(self, rec: InstanceRecord, now: float | None = None) -> None:
-        """Commit an instance row (a duplicate SOP Instance UID replaces the old row)."""
+    def record_instance(self, rec: InstanceRecord, now: float | None = None) -> str | None:
+        """Commit an instance row (a duplicate SOP Instance UID replaces the old row).
+
+        Returns the path the SOP Instance UID had before when it was another file (the same
+        UID re-sent in another series): the caller removes that file, so file and row stay one
+        to one.
+        """
         now = time.time() if now is None else now
         with self.engine.begin() as conn:
+            before = conn.execute(select(Instance.path).where(
+                Instance.sop_instance_uid == rec.sop_instance_uid)).scalar()
             study_id = self._study_ids.get(rec.study_uid)
             if study_id is None:
                 conn.execute(self._insert(Study).values(
@@ -126,6 +145,7 @@ class Database(QueueQueries, ReportQueries):
             self._study_ids.clear()
         self._study_ids[rec.study_uid] = study_id
         self._series_ids[rec.series_uid] = series_id
+        return before if before is not None and before != rec.path else None
 
     # -------------------------------------------------------------- assemble
     def quiet_series(self, quiet_since: float) -> list[SeriesRow]:

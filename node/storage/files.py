@@ -4,16 +4,26 @@ Paths are built only from UIDs that passed :func:`valid_uid` (digits and dots), 
 free header text, so a crafted header cannot escape the storage folder. Every file is written
 to a temporary name in the same folder tree and renamed into place, so a reader never sees a
 half-written file and a crash leaves at most a stray ``*.part`` in ``tmp/``.
+
+Durable means power-loss durable: the file is fsynced, renamed, and its folder fsynced (a
+new folder's parent too) before :meth:`FileStore.write_atomic` returns. Files hold patient
+data and are private to the node whatever the caller's umask: files 0640, folders 0750.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import threading
 from pathlib import Path
 
+from node.errors import NodeError
+
+FILE_MODE = 0o640
+FOLDER_MODE = 0o750
+_MADE_MAX = 10_000
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
@@ -31,8 +41,9 @@ class FileStore:
         self.images = self.root / "images"
         self.results = self.root / "results"
         self.tmp = self.root / "tmp"
-        for folder in (self.images, self.results, self.tmp):
-            folder.mkdir(parents=True, exist_ok=True)
+        for folder in (self.root, self.images, self.results, self.tmp):
+            folder.mkdir(parents=True, exist_ok=True, mode=FOLDER_MODE)
+            os.chmod(folder, FOLDER_MODE)
         self._made: set[Path] = set()
         self._lock = threading.Lock()
         self._counter = 0
@@ -48,14 +59,15 @@ class FileStore:
         """Write ``chunks`` to ``path`` via a temporary file and a rename; returns the size."""
         folder = path.parent
         if folder not in self._made:
-            folder.mkdir(parents=True, exist_ok=True)
-            self._made.add(folder)
+            self._make_folders(folder)
         with self._lock:
             self._counter += 1
             tmp = self.tmp / f"{os.getpid()}-{threading.get_ident()}-{self._counter}.part"
         size = 0
         try:
-            with open(tmp, "wb") as fh:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            with open(fd, "wb", closefd=True) as fh:
+                os.fchmod(fd, FILE_MODE)               # whatever the umask took away or left
                 for chunk in chunks:
                     fh.write(chunk)
                     size += len(chunk)
@@ -66,7 +78,28 @@ class FileStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        if self.fsync:
+            fsync_folder(folder)
         return size
+
+    def _make_folders(self, folder: Path) -> None:
+        """Create ``folder`` and its missing parents (0750), each made durable in its parent."""
+        missing = []
+        at = folder
+        while not at.is_dir():
+            missing.append(at)
+            at = at.parent
+        for new in reversed(missing):
+            try:
+                new.mkdir(mode=FOLDER_MODE)
+            except FileExistsError:
+                pass
+            os.chmod(new, FOLDER_MODE)
+            if self.fsync:
+                fsync_folder(new.parent)
+        if len(self._made) > _MADE_MAX:         # only spares a stat per instance
+            self._made.clear()
+        self._made.add(folder)
 
     def remove(self, paths: list[str]) -> int:
         """Delete files that lie under the store's root; returns how many were removed."""
@@ -88,3 +121,46 @@ class FileStore:
             part.unlink(missing_ok=True)
             n += 1
         return n
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make the entries of ``folder`` (a rename into it, a new file) durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DataDirLock:
+    """One live node per name on a ``data_dir``: an exclusive lock on ``nodes/<name>.lock``
+    (``flock``: released by the kernel when the process dies, however it dies)."""
+
+    def __init__(self, data_dir: Path, name: str) -> None:
+        self.path = data_dir / "nodes" / f"{_safe_name(name)}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Raises:
+            NodeError: another live node holds the lock (its pid is named)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=FOLDER_MODE)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise NodeError(f"another node named {self.path.stem!r} is running with data_dir "
+                            f"{self.path.parent.parent} (pid {holder}); give each node its own node.name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)          # closing drops the lock
+            self._fd = None
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:64] or "node"

@@ -1,0 +1,198 @@
+"""What a broken or hostile peer can make the listener do: bounded memory, bounded waits,
+no lock-out of other senders, one WARNING line per connection."""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from conftest import free_port
+from nodeproc import NodeProcess, write_config
+from tlscerts import make_ca
+
+ASSOCIATION_TIMEOUT_S = 2.0
+BOUND_S = 60.0          # generous bound for anything the node must do "soon"
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _wait_for(predicate, what: str, timeout: float = BOUND_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """True once the node closed ``sock`` (EOF or reset); False while it is open."""
+    sock.setblocking(False)
+    try:
+        data = sock.recv(65536, socket.MSG_PEEK)
+        if data:                      # an A-ABORT or similar is waiting: read past it
+            sock.recv(65536)
+            return False
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def _echo(port: int, ssl_context: ssl.SSLContext | None = None) -> bool:
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.connection_timeout = ae.network_timeout = 20
+    tls = (ssl_context, "localhost") if ssl_context else None
+    assoc = ae.associate("127.0.0.1", port, ae_title="AINODE", tls_args=tls)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and status.Status == 0
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("limits")
+    port = free_port()
+    config = write_config(tmp / "node.toml", {
+        "node": {"host": "127.0.0.1", "port": port, "data_dir": str(tmp / "data")},
+        "ingest": {"min_free_disk_mb": 0, "association_timeout_s": ASSOCIATION_TIMEOUT_S,
+                   "max_associations_per_address": 4},
+    })
+    proc = NodeProcess(config=config, port=port, data_dir=tmp / "data", log=tmp / "node.log").start()
+    yield proc
+    proc.stop()
+
+
+def test_pdu_claiming_4_gb_is_aborted_without_allocating(node):
+    idle = _rss_mb(node.process.pid)
+    socks = []
+    for k in range(16):                    # from 16 loopback addresses: no per-address limit applies
+        sock = _connect(node.port, f"127.0.1.{k + 1}")
+        sock.sendall(bytes([0x01, 0x00, 0xFF, 0xFF, 0xFF, 0xFF]))
+        socks.append(sock)
+    for sock in socks:
+        _wait_for(lambda: _closed_by_peer(sock), "the node to close an oversized PDU's connection")
+    peak = _rss_mb(node.process.pid)
+    assert peak - idle < 100, (idle, peak)
+    assert node.log_text().count("PDU of 4294967295 bytes exceeds the limit of 262144 bytes") == 16
+    assert _echo(node.port)
+
+
+def test_empty_and_trickling_connections_lock_nobody_out(node):
+    empty = [_connect(node.port, "127.0.2.1") for _ in range(16)]
+    for sock in empty:
+        sock.close()
+    trickle = [_connect(node.port, f"127.0.3.{k + 1}") for k in range(8)]
+    for sock in trickle:
+        sock.sendall(b"\x01")
+    assert _echo(node.port)                # at once, not after a timeout
+    # One byte every 0.3 s does not keep a connection: it is dropped at the A-ASSOCIATE-RQ deadline.
+    deadline = time.monotonic() + BOUND_S
+    open_ = list(trickle)
+    while open_ and time.monotonic() < deadline:
+        for sock in list(open_):
+            if _closed_by_peer(sock):
+                open_.remove(sock)
+            else:
+                sock.setblocking(True)
+                try:
+                    sock.sendall(b"\x00")
+                except OSError:
+                    open_.remove(sock)
+        time.sleep(0.3)
+    assert not open_, f"{len(open_)} trickling connections still open"
+    log = node.log_text()
+    for k in range(8):
+        assert re.search(rf"connection from 127\.0\.3\.{k + 1}:\d+ closed: (PDU not received in time "
+                         rf"\(A-ASSOCIATE-RQ within 2 s|no A-ASSOCIATE-RQ within 2 s|undecodable PDU of type 0x01)", log), log
+
+
+def test_one_address_cannot_take_every_slot(node):
+    held = [_associate(node.port, "127.0.4.1") for _ in range(4)]       # the per-address limit
+    try:
+        assert all(a.is_established for a in held)
+        fifth = _associate(node.port, "127.0.4.1")
+        assert not fifth.is_established                                  # closed at once
+        assert _echo(node.port)                                          # another address gets in
+        assert "connection from 127.0.4.1 refused: 4 connections from that address already open" in node.log_text()
+    finally:
+        for assoc in held:
+            assoc.release()
+
+
+def _associate(port: int, source: str):
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.connection_timeout = ae.network_timeout = 30
+    return ae.associate("127.0.0.1", port, ae_title="AINODE", bind_address=(source, 0))
+
+
+def test_http_request_and_reset_connection_log_one_warning_each(node):
+    sock = _connect(node.port, "127.0.5.1")
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: ainode\r\n\r\n")
+    _wait_for(lambda: _closed_by_peer(sock), "the node to close an HTTP connection")
+    port = sock.getsockname()[1]
+    sock.close()
+    reset = _connect(node.port, "127.0.5.2")
+    reset.sendall(bytes([0x01, 0x00, 0x00, 0x00, 0x01, 0x00]) + b"\x00" * 10)
+    reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    reset_port = reset.getsockname()[1]
+    reset.close()                                         # RST in the middle of a PDU
+    _wait_for(lambda: f"127.0.5.2:{reset_port} closed" in node.log_text(), "the reset's log line")
+    _wait_for(lambda: f"127.0.5.1:{port} closed: not DICOM (first bytes b'GET / ')" in node.log_text(),
+              "the HTTP request's log line")
+    lines = node.log_text().splitlines()
+    for peer in (f"127.0.5.1:{port}", f"127.0.5.2:{reset_port}", "127.0.5.1 ", "127.0.5.2 "):
+        mine = [ln for ln in lines if peer in ln]
+        assert len(mine) <= 1, mine
+    assert len([ln for ln in lines if "127.0.5." in ln]) == 2
+    assert not [ln for ln in lines if " ERROR " in ln or "Traceback" in ln], lines
+
+
+def test_idle_tcp_connection_does_not_freeze_the_tls_listener(tmp_path):
+    certs = make_ca(tmp_path / "pki")
+    ca = tmp_path / "pki" / "ca.crt"
+    (node_key, node_crt), (peer_key, peer_crt) = certs["node"], certs["peer"]
+    port = free_port()
+    config = write_config(tmp_path / "node.toml", {
+        "node": {"host": "127.0.0.1", "port": port, "data_dir": str(tmp_path / "data")},
+        "ingest": {"min_free_disk_mb": 0, "association_timeout_s": 120},
+        "tls": {"enabled": True, "cert_file": str(node_crt), "key_file": str(node_key), "ca_file": str(ca)},
+    })
+    node = NodeProcess(config=config, port=port, data_dir=tmp_path / "data", log=tmp_path / "node.log")
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    client.check_hostname = False
+    client.load_cert_chain(str(peer_crt), str(peer_key))
+    try:
+        node.start_waiting_for("serving")
+        idle = _connect(port)                  # never starts the handshake
+        assert _echo(port, client)             # answered while the idle connection is held
+        assert not _closed_by_peer(idle)       # (it is still open: nothing waited for it)
+        idle.close()
+    finally:
+        node.stop()
