@@ -91,14 +91,15 @@ def _count(files) -> int:
 
 
 def run_node(files, work: Path, parallel: int, fsync: bool, processes: int = 1,
-             timeout_s: float = 3600) -> float:
+             timeout_s: float = 3600, http: bool = True) -> float:
     data = work / "node"
     shutil.rmtree(data, ignore_errors=True)
     port = free_port()
     config = work / "bench.toml"
     config.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data}"\n'
                       f'[ingest]\nseries_timeout_s = {timeout_s}\nmin_free_disk_mb = 100\nfsync = {str(fsync).lower()}\n'
-                      f'processes = {processes}\n')
+                      f'processes = {processes}\n'
+                      f'[http]\nenabled = {str(http).lower()}\nport = {free_port()}\n')
     proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--log-level", "WARNING", "serve", "--config",
                              str(config)], cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -140,15 +141,17 @@ def main() -> None:
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"series: {len(files)} CT instances of {args.size}x{args.size}, {mb:.1f} MB "
               f"(made in {time.perf_counter() - t:.1f} s); {os.cpu_count()} CPUs; median of {args.repeat} runs")
-        print(f"{'receiver':28s} {'assoc':>5s} {'seconds':>8s} {'inst/s':>8s} {'MB/s':>8s} {'x storescp':>10s}")
+        print(f"{'receiver':34s} {'assoc':>5s} {'seconds':>8s} {'inst/s':>8s} {'MB/s':>8s} {'x storescp':>10s}")
         for parallel in args.parallel:
             ref = statistics.median(run_storescp(files, work, parallel) for _ in range(args.repeat))
             rows = [("DCMTK storescp", ref)]
-            for fsync in (True, False):
-                seconds = statistics.median(run_node(files, work, parallel, fsync) for _ in range(args.repeat))
-                rows.append((f"ainode serve (fsync={'on' if fsync else 'off'})", seconds))
+            for fsync, http in ((True, True), (True, False), (False, True)):
+                seconds = statistics.median(run_node(files, work, parallel, fsync, http=http)
+                                            for _ in range(args.repeat))
+                rows.append((f"ainode serve (fsync={'on' if fsync else 'off'}{'' if http else ', no HTTP'})",
+                             seconds))
             for name, seconds in rows:
-                print(f"{name:28s} {parallel:5d} {seconds:8.2f} {len(files) / seconds:8.0f} {mb / seconds:8.1f} "
+                print(f"{name:34s} {parallel:5d} {seconds:8.2f} {len(files) / seconds:8.0f} {mb / seconds:8.1f} "
                       f"{ref / seconds:10.2f}")
 
 

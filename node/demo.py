@@ -85,7 +85,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_demo(slices: int = 64, size: int = 256, keep: bool = False) -> int:
+def run_demo(slices: int = 64, size: int = 256, keep: bool = False,
+             pictures: Path = Path("ainode-demo-pictures")) -> int:
     """Run the tour; returns the process exit code (0 when results came back)."""
     from node.worker import Node
 
@@ -141,7 +142,9 @@ def run_demo(slices: int = 64, size: int = 256, keep: bool = False) -> int:
         t_total = time.perf_counter() - t_start
         if not ok or _summary(node, pacs, phantom, sent_at, t_send, t_total):
             return 1
-        return _triage(node, pacs, root, config.node.port)
+        if _triage(node, pacs, root, config.node.port):
+            return 1
+        return _pictures(node, pictures)
     finally:
         node.stop()
         pacs.stop()
@@ -170,6 +173,19 @@ def _triage(node: Node, pacs: DemoPacs, root: Path, port: int) -> int:
     for row in node.db.worklist(5):
         models = ", ".join(sorted({j["model"] for j in row["jobs"]}))
         print(f"   {PRIORITY_NAMES.get(row['priority'], '?'):8s} accession {row['accession']:12s} {models}")
+    return 0
+
+
+def _pictures(node: Node, folder: Path) -> int:
+    """Step 8: the picture of every job, as the dashboard shows it, written to ``folder``."""
+    from node.web.api import preview_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"8. pictures of the results (the job pages of the dashboard show the same), in {folder}:")
+    for job in reversed(node.db.jobs_report(10)):
+        path = folder / f"job-{job['id']}-{job['model']}-{job['accession'] or 'noacc'}.png"
+        path.write_bytes(preview_png(node, job["id"]))
+        print(f"   {path}")
     return 0
 
 

@@ -23,6 +23,7 @@ each stage reads it once per item.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -31,7 +32,7 @@ import threading
 import time
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pydicom
 
@@ -41,10 +42,11 @@ from node.config.schema import PRIORITY_NAMES, Config
 from node.dicom.dispatch import Dispatcher
 from node.dicom.listener import Ingest, serve_ingest_only
 from node.dicom.tls import client_context
-from node.errors import ConfigError, NodeError, PermanentError
+from node.errors import ConfigError, InputError, NodeError, PermanentError
 from node.inference.models import NodeState, load_models
 from node.inference.runtime import ModelRuntime
 from node.inference.volume import load_series
+from node.metrics import Metrics
 from node.results.encode import encode_classification, encode_segmentation
 from node.routing.assembler import Assembler
 from node.routing.notifier import Notifier
@@ -69,8 +71,10 @@ class Inference(Stage):
     name = "infer"
 
     def __init__(self, stop: threading.Event, db: Database, store: FileStore, state: Callable[[], NodeState],
-                 wake_deliveries: Callable[[], None], wake_notifications: Callable[[], None]) -> None:
+                 wake_deliveries: Callable[[], None], wake_notifications: Callable[[], None],
+                 metrics: Metrics | None = None) -> None:
         super().__init__(stop)
+        self.metrics = metrics or Metrics()
         self.db = db
         self.store = store
         self.state = state
@@ -99,6 +103,7 @@ class Inference(Stage):
             log.error("job %d (%s on series %s) failed: %s", job.id, job.model, series.series_uid, reason,
                       extra={"job_id": job.id})
             self.db.fail_job(job.id, reason)
+            self.metrics.jobs_finished.labels("failed", job.model).inc()
         return None
 
     @contextlib.contextmanager
@@ -123,11 +128,13 @@ class Inference(Stage):
         series = self.db.get_series(job.series_id)
         state = self.state()
         where = f"job {job.id} ({job.model} on series {series.series_uid})"
+        previous = self.db.previous_results(job.id)
         try:
             summary, files = self._run_job(state, job, series.series_uid)
         except PermanentError as exc:
             log.error("%s failed: %s", where, exc, extra={"job_id": job.id})
             self.db.fail_job(job.id, f"{type(exc).__name__}: {exc}")
+            self.metrics.jobs_finished.labels("failed", job.model).inc()
             return
         except Exception as exc:  # noqa: BLE001 - retryable and unknown errors get a bounded retry
             again = job.attempts < MAX_JOB_ATTEMPTS
@@ -138,6 +145,7 @@ class Inference(Stage):
                           str(exc)[:300], job.attempts, ", will retry" if again else "")
                 log.debug("%s: traceback", where, exc_info=True)
             self.db.fail_job(job.id, f"{type(exc).__name__}: {exc}", retry=again)
+            self.metrics.jobs_finished.labels("retry" if again else "failed", job.model).inc()
             return
         try:
             outcome = triage(state.config, job, series, summary)
@@ -148,12 +156,24 @@ class Inference(Stage):
             summary["raised_priority"] = PRIORITY_NAMES[outcome.priority]
         if outcome.fired:
             summary["on_result"] = list(outcome.fired)
+        new_uids = set(summary.get("result_uids", []))
+        superseded = [r for r in previous if r["sop_instance_uid"] not in new_uids]
+        if superseded:
+            summary["supersedes"] = superseded
+        self.metrics.job_timings(job.model, summary["timings"])
+        self.metrics.jobs_finished.labels("done", job.model).inc()
         self.db.finish_job(job.id, files, summary, outcome.destinations, priority=outcome.priority,
                            forwards=outcome.forwards, notifications=outcome.notifications,
                            webhook=state.config.notify.webhook_configured)
         self.db.audit("node", "result", series.series_uid, job_id=job.id, model=summary["model"],
                       version=summary["version"], provider=summary["provider"], files=files,
                       result_uids=summary.get("result_uids", []))
+        if superseded:
+            self.db.audit("node", "superseded", series.series_uid, job_id=job.id,
+                          result_uids=[r["sop_instance_uid"] for r in superseded],
+                          by=summary.get("result_uids", []))
+            log.info("%s: its input changed; the new results (new UIDs) supersede %d earlier objects",
+                     where, len(superseded), extra={"job_id": job.id})
         log.info("%s done in %.2f s: %s", where, sum(summary["timings"].values()),
                  ", ".join(f"{k} {v:.2f}s" for k, v in summary["timings"].items()),
                  extra={"job_id": job.id, "timings": summary["timings"]})
@@ -177,16 +197,26 @@ class Inference(Stage):
         manifest = runtime.manifest
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        volume = load_series([Path(p) for p in self.db.series_paths(job.series_id)])
+        paths = [Path(p) for p in self.db.series_paths(job.series_id)]
+        if not paths:
+            raise PermanentError("the series has no stored instances (removed by retention?)")
+        first = _first_header(paths[0])
+        runtime.check_headers(str(first.get("Modality", "") or ""), str(first.get("SOPClassUID", "") or ""),
+                              len(paths))
+        volume = load_series(paths)
         timings["decode"] = time.perf_counter() - t
 
         prediction = runtime.run(volume)
         timings.update(prediction.timings)
 
         t = time.perf_counter()
-        job_key = f"{series_uid}|{manifest.name}|{manifest.version}"
+        # A result's UIDs follow its input: the same instances and model version give the
+        # same UIDs (a re-send replaces), changed content (late instances) gives new ones.
+        fingerprint = input_fingerprint(paths)
+        job_key = f"{series_uid}|{manifest.name}|{manifest.version}|{fingerprint}"
         summary: dict[str, Any] = {"model": manifest.name, "version": manifest.version,
-                                   "provider": prediction.provider, "slices": int(volume.pixels.shape[0])}
+                                   "provider": prediction.provider, "slices": int(volume.pixels.shape[0]),
+                                   "input_fingerprint": fingerprint}
         if prediction.masks is not None:
             result = encode_segmentation(volume.headers, prediction.masks, manifest, job_key,
                                          frames=volume.frames)
@@ -230,17 +260,19 @@ class Node:
         models, stamps = load_models(config)
         self._state = NodeState(config, models, stamps)
         self._reload_lock = threading.Lock()
-        self.ingest = Ingest(config, self.store, self.db)
+        self.metrics = Metrics()
+        self.metrics.models_loaded({name: rt.describe() for name, rt in models.items()})
+        self.ingest = Ingest(config, self.store, self.db, self.metrics)
         self._client_tls = client_context(config.tls) if any(d.tls for d in config.destinations) else None
         self._stop = threading.Event()
         self._started = False
         self._ingest_processes: list[multiprocessing.process.BaseProcess] = []
         current = lambda: self._state.config  # noqa: E731 - read at every item: a reload swaps it
-        self.dispatch = Dispatcher(self._stop, self.db, current, lambda: self._client_tls)
-        self.notifier = Notifier(self._stop, self.db, current)
+        self.dispatch = Dispatcher(self._stop, self.db, current, lambda: self._client_tls, self.metrics)
+        self.notifier = Notifier(self._stop, self.db, current, self.metrics)
         self.infer = Inference(self._stop, self.db, self.store, lambda: self._state,
-                               self.dispatch.wake, self.notifier.wake)
-        self.assembler = Assembler(self._stop, self.db, current, self.infer.wake, self.dispatch.wake)
+                               self.dispatch.wake, self.notifier.wake, self.metrics)
+        self.assembler = Assembler(self._stop, self.db, current, self.infer.wake, self.dispatch.wake, self.metrics)
         self.housekeeping = Housekeeping(self._stop, self.db, self.store, current)
         self._check_webhook(config)
 
@@ -255,6 +287,11 @@ class Node:
     @property
     def stages(self) -> tuple[Stage, ...]:
         return (self.assembler, self.infer, self.dispatch, self.notifier, self.housekeeping)
+
+    def wake(self) -> None:
+        """Look for work now (after an operator's retry, say)."""
+        for stage in self.stages:
+            stage.wake()
 
     # -------------------------------------------------------------- reload
     def reload(self, new: Config) -> list[str]:
@@ -276,6 +313,7 @@ class Node:
             self._state = NodeState(effective, models, stamps)
             self.ingest.config = effective
             self._write_status()                 # the models and providers now in use
+            self.metrics.models_loaded({name: rt.describe() for name, rt in models.items()})
         self._check_webhook(effective)
         loaded = sorted(set(models) - {n for n, s in old.stamps.items() if stamps.get(n) == s})
         log.info("configuration reloaded: %d routes, %d destinations%s", len(effective.routes),
@@ -342,3 +380,38 @@ class Node:
             host=self.config.node.host, port=self.config.node.port,
             models={name: runtime.describe() for name, runtime in self.models.items()}, **changes)
         self.store.write_atomic(path, (json.dumps(status, indent=2).encode(),))
+
+
+def node_status(config: Config) -> dict | None:
+    """What ``data_dir/status.json`` says about the node, with ``running`` worked out."""
+    path = config.node.data_dir / STATUS_FILE
+    if not path.is_file():
+        return None
+    status = json.loads(path.read_text())
+    running = "stopped_at" not in status
+    if running:
+        try:
+            os.kill(int(status["pid"]), 0)
+        except ProcessLookupError:
+            running = False          # killed without a graceful stop
+        except PermissionError:
+            pass
+    status["running"] = running
+    return status
+
+
+def input_fingerprint(paths: Sequence[Path]) -> str:
+    """What a job's input was: the stored instances (SOP Instance UIDs, from the file names
+    the node gave them, and sizes), as a short hash. Equal input, equal fingerprint."""
+    digest = hashlib.sha256()
+    for path in sorted(paths, key=lambda p: p.name):
+        digest.update(f"{path.name}:{path.stat().st_size};".encode())
+    return digest.hexdigest()[:16]
+
+
+def _first_header(path: Path) -> pydicom.Dataset:
+    """The header of one instance of a series, without its pixel data."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality", "SOPClassUID"])
+    except Exception as exc:  # noqa: BLE001 - an unreadable file is the input's problem
+        raise InputError(f"{path.name}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc

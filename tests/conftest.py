@@ -34,6 +34,10 @@ from typing import Any, NamedTuple
 
 import pytest
 
+# Every process of the tests (pytest's and the nodes it starts) runs ONNX Runtime without its
+# usage telemetry, which would otherwise try to reach an internet host.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 LOCALHOST = "127.0.0.1"
 DCMTK_BIN = Path("/usr/bin")
 DCMTK_TOOLS = ("storescu", "storescp", "echoscu", "dcmdump", "dcmsend")

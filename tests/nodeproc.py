@@ -6,6 +6,7 @@ import os
 import runpy
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,6 +41,12 @@ def build_models(folder: Path, names: tuple[str, ...] = ("ct-tissue",)) -> Path:
     return folder
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -55,6 +62,10 @@ def toml_value(value: Any) -> str:
 
 
 def write_config(path: Path, sections: dict[str, Any]) -> Path:
+    """Write a node.toml; unless ``sections`` has an ``http`` table, the HTTP face gets a free
+    port (the default 8080 would collide between nodes of one test)."""
+    if "http" not in sections:
+        sections = {**sections, "http": {"port": _free_port()}}
     lines = []
     for name, body in sections.items():
         if isinstance(body, list):

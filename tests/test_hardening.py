@@ -66,12 +66,13 @@ class Scu:
             self.assoc.release()
 
 
-def _node(tmp_path: Path, data_dir: Path, **ingest) -> NodeProcess:
+def _node(tmp_path: Path, data_dir: Path, http: bool = True, **ingest) -> NodeProcess:
     port = free_port()
-    config = write_config(tmp_path / "node.toml", {
-        "node": {"host": "127.0.0.1", "port": port, "data_dir": str(data_dir)},
-        "ingest": {"series_timeout_s": 3600, **ingest},
-    })
+    sections = {"node": {"host": "127.0.0.1", "port": port, "data_dir": str(data_dir)},
+                "ingest": {"series_timeout_s": 3600, **ingest}}
+    if not http:
+        sections["http"] = {"enabled": False}
+    config = write_config(tmp_path / "node.toml", sections)
     return NodeProcess(config=config, port=port, data_dir=data_dir, log=tmp_path / "node.log")
 
 
@@ -228,14 +229,14 @@ def test_success_is_answered_only_after_file_rename_folder_and_database_are_dura
     """strace the node during one C-STORE: fsync(file), rename, fsync(folder), fsync(WAL) all
     come before the response goes out on the socket."""
     data = tmp_path / "data"
-    node = _node(tmp_path, data, min_free_disk_mb=0)
+    node = _node(tmp_path, data, http=False, min_free_disk_mb=0)
     trace = tmp_path / "strace.txt"
     port = node.port
     proc = subprocess.Popen(
         ["strace", "-f", "-yy", "-qq", "-s", "4", "-o", str(trace),
-         "-e", "trace=fsync,fdatasync,rename,renameat,renameat2,sendto,write,sendmsg",
+         "-e", "trace=fsync,fdatasync,rename,renameat,renameat2,sendto,write,sendmsg,connect",
          sys.executable, "-m", "node.cli", "serve", "--config", str(node.config)],
-        cwd=str(REPO), stdout=node.log.open("ab"), stderr=subprocess.STDOUT)
+        cwd=str(REPO), stdout=node.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
     node.process = proc
     try:
         deadline_ok = _wait_echo(node)
@@ -244,8 +245,14 @@ def test_success_is_answered_only_after_file_rename_folder_and_database_are_dura
         mark = trace.stat().st_size
         dcmtk.run("storescu", "-aec", "AINODE", "127.0.0.1", str(port), str(phantom.files[0]))
     finally:
-        node.stop()
-    lines = trace.read_bytes()[mark:].decode(errors="replace").splitlines()
+        _stop_traced(node, data)
+    raw = trace.read_bytes()
+    everything = raw.decode(errors="replace")
+    lines = raw[mark:].decode(errors="replace").splitlines()
+    # and the node talked to nobody but its peers on loopback (no DNS, no telemetry)
+    outside = [ln for ln in everything.splitlines() if re.search(r"connect\(.*AF_INET6?", ln)
+               and not re.search(r"127\.0\.0\.1|::1|inet_addr\(\"0\.0\.0\.0", ln)]
+    assert not outside, outside[:5]
     sop = pydicom.dcmread(phantom.files[0], stop_before_pixels=True).SOPInstanceUID
     final = f"{sop}.dcm"
 
@@ -263,6 +270,24 @@ def test_success_is_answered_only_after_file_rename_folder_and_database_are_dura
     response = first(r"(sendto|write|sendmsg)\(\d+<TCP(v6)?:\[.*:" + str(port) + r"->.*\]>, \"\\4")
     assert file_sync < rename < folder_sync < response
     assert rename < wal_sync < response
+
+
+def _stop_traced(node: NodeProcess, data: Path) -> None:
+    """SIGTERM the node itself (strace, when signalled, would detach and leave it running)."""
+    import signal
+    try:
+        os.kill(int((data / "ainode.pid").read_text()), signal.SIGTERM)
+    except (OSError, ValueError):
+        pass
+    try:
+        node.process.wait(60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(node.process.pid, signal.SIGKILL)   # strace and whatever it still holds
+    except OSError:
+        pass
+    node.process.wait()
 
 
 def _wait_echo(node: NodeProcess, timeout: float = 180.0) -> bool:

@@ -17,12 +17,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")   # no usage telemetry from ONNX Runtime
+import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper
 
 HERE = Path(__file__).resolve().parent

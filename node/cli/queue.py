@@ -7,31 +7,11 @@ import argparse
 import getpass
 import json
 import logging
-import os
 import time
 
 from node.cli.common import json_or_empty, load, open_db
-from node.config.schema import PRIORITY_NAMES, Config
-
-
-def node_status(config: Config) -> dict | None:
-    """What ``data_dir/status.json`` says about the node, with ``running`` worked out."""
-    from node.worker import STATUS_FILE
-
-    path = config.node.data_dir / STATUS_FILE
-    if not path.is_file():
-        return None
-    status = json.loads(path.read_text())
-    running = "stopped_at" not in status
-    if running:
-        try:
-            os.kill(int(status["pid"]), 0)
-        except ProcessLookupError:
-            running = False          # killed without a graceful stop
-        except PermissionError:
-            pass
-    status["running"] = running
-    return status
+from node.config.schema import PRIORITY_NAMES
+from node.worker import node_status
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -75,6 +55,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             print(f"       {name}: {value:.1f} mL")
         for f in r["summary"].get("findings", []):
             print(f"       {f['name']}: p={f['probability']:.3f}{' POSITIVE' if f['positive'] else ''}")
+        if r["summary"].get("supersedes"):
+            print(f"       supersedes {len(r['summary']['supersedes'])} earlier result objects (its input changed): "
+                  + ", ".join(o["modality"] + " " + o["sop_instance_uid"] for o in r["summary"]["supersedes"]))
         for d in r["deliveries"]:
             err = f" ({d['error']})" if d["error"] else ""
             print(f"       -> {d['destination']}: {d['status']} after {d['attempts']} attempt(s){err}")

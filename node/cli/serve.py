@@ -46,8 +46,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     lock = DataDirLock(config.node.data_dir, config.node.name)
     lock.acquire()                 # a second live node of this name on this data_dir stops here
     node = Node(config)
+    web = None
     try:
         node.start()
+        if config.http.enabled:
+            from node.web.app import WebContext, WebServer
+            from node.web.auth import Tokens
+
+            report = config.node.data_dir / RELOAD_FILE
+            web = WebServer(config.http, WebContext(node, Tokens.load(config.http.tokens_file),
+                                                    lambda actor: _reload(node, path, report, actor)))
+            web.start()
     except BaseException:
         node.stop(timeout=5)
         lock.release()
@@ -67,6 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _reload(node, path, config.node.data_dir / RELOAD_FILE)
     finally:
         log.info("stopping: no new associations, finishing work in progress")
+        if web is not None:
+            web.stop()
         node.stop()
         if pid_file.is_file() and pid_file.read_text().strip() == str(os.getpid()):
             pid_file.unlink()
@@ -74,8 +85,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reload(node: Node, path: Path | None, report: Path) -> None:
-    """Read the configuration file again and swap it in; a bad one is refused, the old one stays."""
+def _reload(node: Node, path: Path | None, report: Path, actor: str = "SIGHUP") -> dict:
+    """Read the configuration file again and swap it in; a bad one is refused, the old one
+    stays. Returns (and writes to ``report``) ``{"ok", "message", "at"}``."""
     log = logging.getLogger("node")
     try:
         notes = node.reload(load_config(path))
@@ -84,9 +96,11 @@ def _reload(node: Node, path: Path | None, report: Path) -> None:
         log.error("reload refused, the running configuration stays: %s", exc, extra={"reload_error": str(exc)})
         outcome = {"ok": False, "message": f"reload refused, the running configuration stays: {exc}"}
     outcome["at"] = time.time()
+    outcome["by"] = actor
     tmp = report.with_suffix(".tmp")
     tmp.write_text(json.dumps(outcome))
     tmp.replace(report)
+    return outcome
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

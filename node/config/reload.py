@@ -17,7 +17,8 @@ RESTART_KEYS = ("node.ae_title", "node.name", "node.host", "node.port", "node.da
                 "node.max_associations", "ingest.allowed_calling_aets", "ingest.allowed_addresses",
                 "ingest.max_pdu_size", "ingest.association_timeout_s", "ingest.max_associations_per_address",
                 "ingest.fsync", "ingest.processes", "tls.enabled", "tls.cert_file", "tls.key_file",
-                "tls.ca_file", "tls.require_client_cert")
+                "tls.ca_file", "tls.require_client_cert", "http.enabled", "http.host", "http.port",
+                "http.tokens_file")
 
 
 def _setting(config: Config, key: str) -> Any:
@@ -31,5 +32,6 @@ def effective_config(old: Config, new: Config) -> tuple[Config, list[str]]:
     restart = [f"{key} ({_setting(old, key)!r} -> {_setting(new, key)!r}) needs a restart"
                for key in RESTART_KEYS if _setting(old, key) != _setting(new, key)]
     keep = {k.split(".")[1]: _setting(old, k) for k in RESTART_KEYS if k.startswith("ingest.")}
-    effective = dataclasses.replace(new, node=old.node, tls=old.tls, ingest=dataclasses.replace(new.ingest, **keep))
+    effective = dataclasses.replace(new, node=old.node, tls=old.tls, http=old.http,
+                                    ingest=dataclasses.replace(new.ingest, **keep))
     return effective, restart

@@ -85,6 +85,14 @@ class TlsSection:
 
 
 @dataclass(frozen=True)
+class HttpSection:
+    enabled: bool = True
+    host: str = "127.0.0.1"          # loopback by default; another address needs tokens_file
+    port: int = 8080
+    tokens_file: str = ""            # lines "<role> [<name>] <token>"
+
+
+@dataclass(frozen=True)
 class LoggingSection:
     phi: bool = False                # patient name, patient ID and accession number in log lines
 
@@ -177,6 +185,7 @@ class Config:
     retention: RetentionSection = field(default_factory=RetentionSection)
     tls: TlsSection = field(default_factory=TlsSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    http: HttpSection = field(default_factory=HttpSection)
     destinations: tuple[Destination, ...] = ()
     routes: tuple[Route, ...] = ()
 
@@ -275,6 +284,14 @@ def parse_config(data: dict[str, Any]) -> Config:
     if retention.delete_after_h < 0:
         raise ConfigError("retention.delete_after_h: must be 0 (keep forever) or more")
 
+    h = top.table("http")
+    http = HttpSection(enabled=h.get("enabled", bool, True), host=h.get("host", str, "127.0.0.1"),
+                       port=_port(h.get("port", int, 8080), "http.port"), tokens_file=h.get("tokens_file", str, ""))
+    h.done()
+    if http.enabled and not http.tokens_file and not _is_loopback(http.host):
+        raise ConfigError(f"http.host: {http.host!r} is not a loopback address; set http.tokens_file "
+                          "(without tokens the HTTP face serves loopback only)")
+
     lg = top.table("logging")
     logging_ = LoggingSection(phi=lg.get("phi", bool, False))
     lg.done()
@@ -324,7 +341,7 @@ def parse_config(data: dict[str, Any]) -> Config:
             raise ConfigError(f"routes[{k}].name: {name!r} is used by two routes")
     top.done()
     return Config(node=node, ingest=ingest, inference=inference, delivery=delivery, notify=notify,
-                  logging=logging_, retention=retention, tls=tls, destinations=tuple(destinations),
+                  logging=logging_, http=http, retention=retention, tls=tls, destinations=tuple(destinations),
                   routes=tuple(routes))
 
 
@@ -445,3 +462,12 @@ def _port(value: int, where: str) -> int:
     if not 0 < value < 65536:
         raise ConfigError(f"{where}: {value} is not a TCP port")
     return value
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

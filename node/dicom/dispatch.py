@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from node.config.schema import Config
+from node.config.schema import ORIGIN, Config, Destination
 from node.dicom.deliver import Peer, send_files
 from node.errors import ConfigError, NodeError
+from node.metrics import Metrics
 from node.stage import ClaimStage, backoff
 from node.storage.db import Database, DeliveryRow
 
@@ -27,8 +28,9 @@ class Dispatcher(ClaimStage[DeliveryRow]):
     name = "deliver"
 
     def __init__(self, stop: threading.Event, db: Database, config: Callable[[], Config],
-                 client_tls: Callable[[], ssl.SSLContext | None]) -> None:
+                 client_tls: Callable[[], ssl.SSLContext | None], metrics: Metrics | None = None) -> None:
         super().__init__(stop)
+        self.metrics = metrics or Metrics()
         self.db = db
         self.config = config
         self.client_tls = client_tls
@@ -45,10 +47,11 @@ class Dispatcher(ClaimStage[DeliveryRow]):
         cfg = config.delivery
         where = f"delivery {delivery.id} ({delivery.kind} to {delivery.destination})"
         try:
-            dest = config.destination(delivery.destination)
-        except ConfigError:
-            self.db.defer_delivery(delivery.id, f"destination {delivery.destination!r} is no longer configured", None)
-            log.error("%s failed: destination no longer configured", where)
+            dest = _destination(config, delivery.destination)
+        except ConfigError as exc:
+            self.db.defer_delivery(delivery.id, str(exc), None)
+            self.metrics.delivered(delivery.destination, False)
+            log.error("%s failed: %s", where, exc)
             return
         files = (self.db.job_results(delivery.job_id) if delivery.job_id is not None
                  else self.db.series_paths(delivery.series_id))
@@ -63,6 +66,7 @@ class Dispatcher(ClaimStage[DeliveryRow]):
             log.error("%s: unexpected %s: %s (traceback at DEBUG)", where, type(exc).__name__, str(exc)[:300])
             log.debug("%s: traceback", where, exc_info=True)
             error = f"{type(exc).__name__}: {exc}"
+        self.metrics.delivered(delivery.destination, not error)
         if not error:
             self.db.finish_delivery(delivery.id)
             self.db.audit("node", "delivered", f"delivery {delivery.id}", kind=delivery.kind,
@@ -79,3 +83,23 @@ class Dispatcher(ClaimStage[DeliveryRow]):
             self.db.defer_delivery(delivery.id, error, time.time() + delay)
             self.db.hold_destination(delivery.destination, time.time() + delay)
             log.warning("%s attempt %d failed: %s; next try in %.0f s", where, delivery.attempts, error, delay)
+
+
+def _destination(config: Config, name: str) -> Destination:
+    """The configured destination of a delivery; ``@origin:<AE>`` is looked up again, so one
+    whose sender was configured since (and reloaded) goes out on retry.
+
+    Raises:
+        ConfigError: no such destination (with what to configure).
+    """
+    if name.startswith(ORIGIN + ":"):
+        aet = name.split(":", 1)[1]
+        dest = config.destination_for_ae(aet)
+        if dest is None:
+            raise ConfigError(f"@origin: the sender {aet!r} is not a configured destination (add a "
+                              f"[[destinations]] with ae_title = {aet!r}, reload, then ainode retry)")
+        return dest
+    try:
+        return config.destination(name)
+    except ConfigError:
+        raise ConfigError(f"destination {name!r} is no longer configured") from None

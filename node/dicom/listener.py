@@ -34,6 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.config.schema import Config
 from node.errors import NodeError
+from node.metrics import Metrics
 from node.storage.db import Database, InstanceRecord
 from node.storage.files import FileStore, valid_uid
 from node.dicom.tls import server_context
@@ -89,10 +90,11 @@ def _lenient_ui(value: Any) -> tuple[bool, str]:
 class Ingest:
     """The node's storage SCP. ``start()`` listens in background threads; ``stop()`` ends it."""
 
-    def __init__(self, config: Config, store: FileStore, db: Database) -> None:
+    def __init__(self, config: Config, store: FileStore, db: Database, metrics: Metrics | None = None) -> None:
         self.config = config
         self.store = store
         self.db = db
+        self.metrics = metrics or Metrics()
         self.stats = IngestStats()
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
@@ -117,6 +119,10 @@ class Ingest:
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         return ae
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None
 
     @property
     def port(self) -> int:
@@ -187,23 +193,26 @@ class Ingest:
             calling = getattr(r.primitive, "calling_ae_title", "") or "?"
             log.warning("association from %s at %s rejected: address not in ingest.allowed_addresses",
                         str(calling).strip(), r.address)
+            self.metrics.association("rejected", "address")
             event.assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, NO_REASON_GIVEN)
             event.assoc.kill()   # as pynetdicom does after its own rejections: lets the PDU go out
 
     def _on_accepted(self, event: evt.Event) -> None:
         r = event.assoc.requestor
         log.info("association from %s at %s:%s accepted", r.ae_title, r.address, r.port)
+        self.metrics.association("accepted")
 
     def _on_rejected(self, event: evt.Event) -> None:
         r = event.assoc.requestor
         allowed = self.config.ingest.allowed_calling_aets
         if allowed and r.ae_title.strip() not in allowed:
-            why = "calling AE title not in ingest.allowed_calling_aets"
+            why, reason = "calling AE title not in ingest.allowed_calling_aets", "calling_aet"
         elif len(self.ae.active_associations) > self.config.node.max_associations:
-            why = f"node.max_associations ({self.config.node.max_associations}) reached"
+            why, reason = f"node.max_associations ({self.config.node.max_associations}) reached", "limit"
         else:
-            why = "see the reason sent to the peer"
+            why, reason = "see the reason sent to the peer", "other"
         log.warning("association from %s at %s rejected: %s", r.ae_title, r.address, why)
+        self.metrics.association("rejected", reason)
 
     def _on_aborted(self, event: evt.Event) -> None:
         r = event.assoc.requestor
@@ -251,6 +260,7 @@ class Ingest:
         log.warning("refused 0x%04X: " + message, status, *args)
         with self._lock:
             self.stats.refused += 1
+        self.metrics.refused_with(status)
         return status
 
     def _store(self, event: evt.Event, sop_uid: str, calling: str) -> int:
@@ -299,6 +309,7 @@ class Ingest:
             per_series = self._received.setdefault(id(event.assoc), {})
             key = (header.study_uid, header.series_uid)
             per_series[key] = per_series.get(key, 0) + 1
+        self.metrics.stored(calling, size)
         log.debug("stored %s (%d bytes) from %s", sop_uid, size, calling)
         return SUCCESS
 

@@ -162,6 +162,25 @@ class ModelRuntime:
         return y[:n]
 
     # ---------------------------------------------------------------- checks
+    def check_headers(self, modality: str, sop_class: str, images: int) -> None:
+        """Refuse, from the headers alone and before any pixel is decoded, a series this model
+        cannot take, so that the reason given is the real one.
+
+        Raises:
+            InputError: wrong modality or SOP class, or a number of images the kind cannot take.
+        """
+        m = self.manifest
+        spec = m.input
+        if spec.modalities and modality not in spec.modalities:
+            raise InputError(f"model {m.name} takes {', '.join(spec.modalities)}, "
+                             f"series is {modality or 'without Modality'}")
+        if spec.sop_classes and sop_class not in spec.sop_classes:
+            names = ", ".join(_uid_name(u) for u in spec.sop_classes)
+            raise InputError(f"model {m.name} takes {names}; series is "
+                             f"{_uid_name(sop_class) if sop_class else 'without SOPClassUID'}")
+        if spec.kind == "image" and images != 1:
+            raise InputError(f"model {m.name} takes one 2D image, series has {images} files")
+
     def check_series(self, volume: SeriesVolume) -> None:
         """Refuse a series this model cannot take.
 

@@ -221,6 +221,10 @@ def _segmentation(sources: Sequence[pydicom.Dataset], pixel_array: np.ndarray,
             omit_empty_frames=True)
     except ValueError as exc:          # highdicom's message names the rule that was broken
         raise InputError(f"encode: cannot derive a SEG from the series: {exc}") from exc
+    # The source's body part, which hanging protocols and worklists use (General Series, type 3).
+    body_part = str(sources[0].get("BodyPartExamined", "") or "").strip()
+    if body_part:
+        seg.BodyPartExamined = body_part[:16]
     # highdicom draws this UID at random; derive it so that a re-run is identical.
     uid = derive_uid(job_key, "seg-dimension-organization")
     for item in [*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence]:

@@ -185,6 +185,11 @@ def plan_study(config: Config, route: Route, members: Sequence[StudyMember], las
     return StudyDecision(route.name, state, reason, jobs=jobs, forwards=forwards)
 
 
+def unresolved_origin(calling_aet: str) -> str:
+    """The destination name of an ``@origin`` whose sender is not configured (yet)."""
+    return f"{ORIGIN}:{calling_aet.strip()}"
+
+
 def resolve(config: Config, targets: Sequence[str], calling_aet: str, route: str) -> list[str]:
     """Destination names; ``@origin`` is the destination whose AE title sent the study."""
     out = []
@@ -192,10 +197,13 @@ def resolve(config: Config, targets: Sequence[str], calling_aet: str, route: str
         if target == ORIGIN:
             dest = config.destination_for_ae(calling_aet)
             if dest is None:
-                log.warning("route %s: @origin %r is not a configured destination; not sent there",
-                            route, calling_aet, extra={"route": route, "calling_aet": calling_aet})
-                continue
-            target = dest.name
+                # Kept, so that the delivery fails visibly (ainode jobs, status, the dashboard)
+                # and goes out once the sender is configured and the delivery retried.
+                log.warning("route %s: @origin %r is not a configured destination; its delivery will fail "
+                            "until one is", route, calling_aet, extra={"route": route, "calling_aet": calling_aet})
+                target = unresolved_origin(calling_aet)
+            else:
+                target = dest.name
         if target not in out:
             out.append(target)
     return out

@@ -15,6 +15,7 @@ from node.config.rules import Facts
 from node.config.schema import Config
 from node.routing.assemble import (FIRE_INCOMPLETE, NO_MATCH, NOT_YET, WAIT, StudyMember, association_facts,
                                    plan_series, plan_study, series_facts)
+from node.metrics import Metrics
 from node.stage import IDLE_WAIT_S, Stage
 from node.storage.db import Database, SeriesRow, SeriesStatus
 
@@ -27,8 +28,10 @@ class Assembler(Stage):
     name = "assemble"
 
     def __init__(self, stop: threading.Event, db: Database, config: Callable[[], Config],
-                 wake_jobs: Callable[[], None], wake_deliveries: Callable[[], None]) -> None:
+                 wake_jobs: Callable[[], None], wake_deliveries: Callable[[], None],
+                 metrics: Metrics | None = None) -> None:
         super().__init__(stop)
+        self.metrics = metrics or Metrics()
         self.db = db
         self.config = config
         self.wake_jobs = wake_jobs
@@ -52,6 +55,7 @@ class Assembler(Stage):
                                     study_check=bool(config.study_routes)):
                 continue  # an instance arrived meanwhile: it stays receiving
             done += 1
+            self.metrics.series_completed.labels("quiet_timer").inc()
             matched = [d.route for d in plan.decisions if d.matched]
             log.info("series %s complete (%d instances): routes %s; jobs %s; forwards %s",
                      series.series_uid, len(paths), matched or "none",

@@ -14,6 +14,7 @@ from typing import Callable
 from node.config.schema import Config
 from node.errors import ConfigError, NodeError
 from node.routing.notify import post_json, webhook_url
+from node.metrics import Metrics
 from node.stage import ClaimStage, backoff
 from node.storage.db import Database, NotificationRow
 
@@ -25,8 +26,10 @@ class Notifier(ClaimStage[NotificationRow]):
 
     name = "notify"
 
-    def __init__(self, stop: threading.Event, db: Database, config: Callable[[], Config]) -> None:
+    def __init__(self, stop: threading.Event, db: Database, config: Callable[[], Config],
+                 metrics: Metrics | None = None) -> None:
         super().__init__(stop)
+        self.metrics = metrics or Metrics()
         self.db = db
         self.config = config
 
@@ -51,6 +54,7 @@ class Notifier(ClaimStage[NotificationRow]):
             self.db.finish_notification(note.id)
             log.info("%s: webhook answered HTTP %d", where, status, extra={"notification_id": note.id})
             return
+        self.metrics.notification_failures.inc()
         if note.attempts >= cfg.max_attempts:
             self.db.defer_notification(note.id, error, None)
             log.error("%s failed after %d attempts: %s", where, note.attempts, error,

@@ -1,4 +1,5 @@
-"""The database's read-only reports for the command line (part of :class:`node.storage.db.Database`).
+"""The database's read-only reports for the command line, the HTTP face and the metrics (part
+of :class:`node.storage.db.Database`).
 
 Kept apart from the queue's state changes in :mod:`node.storage.db` only for size; every query of the
 node is in these two modules.
@@ -7,13 +8,15 @@ node is in these two modules.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Integer, cast, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from node.storage.schema import AuditEvent, Delivery, Instance, Job, JobStatus, Notification, Series, Study, StudyRoute
+from node.storage.schema import (AuditEvent, Delivery, DeliveryStatus, Instance, Job, JobStatus, Notification, Series,
+                                 Study, StudyRoute)
 
 
 class ReportQueries:
@@ -31,27 +34,93 @@ class ReportQueries:
             out["instances"] = {"stored": conn.execute(select(func.count()).select_from(Instance)).scalar_one()}
         return out
 
-    def jobs_report(self, limit: int = 50) -> list[dict[str, Any]]:
+    def jobs_report(self, limit: int = 50, *, offset: int = 0, status: str | None = None,
+                    priority: int | None = None, model: str | None = None,
+                    study_uid: str | None = None) -> list[dict[str, Any]]:
+        """Jobs, newest first, optionally only those of a state, priority, model or study."""
+        stmt = (select(Job, Series.series_uid, Series.modality, Series.description, Study.study_uid,
+                       Study.accession)
+                .join(Series, Job.series_id == Series.id).join(Study, Series.study_id == Study.id))
+        for column, value in ((Job.status, status), (Job.priority, priority), (Job.model, model),
+                              (Study.study_uid, study_uid)):
+            if value is not None:
+                stmt = stmt.where(column == value)
+        stmt = stmt.order_by(Job.id.desc()).limit(limit).offset(offset)
+        with Session(self.engine) as conn:
+            return [self._job_dict(conn, *row) for row in conn.execute(stmt).all()]
+
+    def job_detail(self, job_id: int) -> dict[str, Any] | None:
+        """One job with its series, results, deliveries and notifications (None: no such job)."""
         stmt = (select(Job, Series.series_uid, Series.modality, Series.description, Study.study_uid,
                        Study.accession)
                 .join(Series, Job.series_id == Series.id).join(Study, Series.study_id == Study.id)
-                .order_by(Job.id.desc()).limit(limit))
+                .where(Job.id == job_id))
         with Session(self.engine) as conn:
-            rows = conn.execute(stmt).all()
-            out = []
-            for job, series_uid, modality, description, study_uid, accession in rows:
-                deliveries = conn.execute(select(Delivery.id, Delivery.destination, Delivery.status,
-                                                 Delivery.attempts, Delivery.error)
-                                          .where(Delivery.job_id == job.id)).all()
-                out.append(dict(
-                    id=job.id, model=job.model, status=job.status, priority=job.priority,
-                    attempts=job.attempts, error=job.error, series_uid=series_uid, modality=modality,
-                    description=description, study_uid=study_uid, accession=accession,
-                    created_at=job.created_at, finished_at=job.finished_at,
-                    summary=json.loads(job.summary or "{}"),
-                    deliveries=[dict(id=d.id, destination=d.destination, status=d.status,
-                                     attempts=d.attempts, error=d.error) for d in deliveries]))
+            row = conn.execute(stmt).first()
+            if row is None:
+                return None
+            out = self._job_dict(conn, *row)
+            series = conn.get(Series, row[0].series_id)
+            out.update(series_id=series.id, calling_aet=series.calling_aet, caller_address=series.caller_address,
+                       instances=conn.execute(select(func.count()).select_from(Instance).where(
+                           Instance.series_id == series.id)).scalar_one(),
+                       result_files=json.loads(row[0].result_files or "[]"),
+                       notifications=[dict(id=n.id, subject=n.subject, status=n.status, attempts=n.attempts,
+                                           error=n.error) for (n,) in conn.execute(
+                                               select(Notification).where(Notification.job_id == job_id)
+                                               .order_by(Notification.id)).all()])
         return out
+
+    @staticmethod
+    def _job_dict(conn: Session, job: Job, series_uid: str, modality: str, description: str, study_uid: str,
+                  accession: str) -> dict[str, Any]:
+        deliveries = conn.execute(select(Delivery.id, Delivery.destination, Delivery.kind, Delivery.status,
+                                         Delivery.attempts, Delivery.error)
+                                  .where(Delivery.job_id == job.id).order_by(Delivery.id)).all()
+        return dict(
+            id=job.id, model=job.model, status=job.status, priority=job.priority,
+            attempts=job.attempts, error=job.error, series_uid=series_uid, modality=modality,
+            description=description, study_uid=study_uid, accession=accession,
+            created_at=job.created_at, finished_at=job.finished_at,
+            summary=json.loads(job.summary or "{}"),
+            deliveries=[dict(id=d.id, destination=d.destination, kind=d.kind, status=d.status,
+                             attempts=d.attempts, error=d.error) for d in deliveries])
+
+    def previous_results(self, job_id: int) -> list[dict[str, Any]]:
+        """The result objects a job's last successful run made (empty before its first)."""
+        with self.engine.connect() as conn:
+            summary = conn.execute(select(Job.summary).where(Job.id == job_id)).scalar()
+        return list(json.loads(summary or "{}").get("results", []))
+
+    def job_counts(self) -> dict[tuple[str, str], int]:
+        """Jobs by (state, model), for monitoring."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(Job.status, Job.model, func.count()).group_by(Job.status, Job.model)).all()
+        return {(status, model): n for status, model, n in rows}
+
+    def queue_depth(self) -> dict[tuple[str, int], int]:
+        """Work waiting by (kind, priority rank): queued jobs and pending deliveries."""
+        with self.engine.connect() as conn:
+            jobs = conn.execute(select(Job.priority, func.count()).where(Job.status == JobStatus.QUEUED.value)
+                                .group_by(Job.priority)).all()
+            deliveries = conn.execute(select(Delivery.priority, func.count()).where(
+                Delivery.status == DeliveryStatus.PENDING.value).group_by(Delivery.priority)).all()
+        out = {("job", rank): 0 for rank in range(3)} | {("delivery", rank): 0 for rank in range(3)}
+        out.update({("job", rank): n for rank, n in jobs})
+        out.update({("delivery", rank): n for rank, n in deliveries})
+        return out
+
+    def ingest_rate(self, minutes: int = 10, now: float | None = None) -> list[dict[str, float]]:
+        """Instances received in each of the last ``minutes`` minutes, oldest first."""
+        now = time.time() if now is None else now
+        start = (now // 60 - minutes + 1) * 60
+        minute = Instance.received_at / 60           # SQLite may lack floor(); its CAST truncates
+        bucket = func.floor(minute) if self.engine.dialect.name == "postgresql" else cast(minute, Integer)
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(bucket, func.count()).where(Instance.received_at >= start)
+                                .group_by(bucket)).all()
+        counts = {int(b): n for b, n in rows}
+        return [dict(minute=start + 60 * k, instances=counts.get(int(start // 60) + k, 0)) for k in range(minutes)]
 
     def deliveries_report(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         stmt = select(Delivery).order_by(Delivery.id.desc()).limit(limit)
