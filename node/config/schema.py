@@ -288,7 +288,7 @@ def parse_config(data: dict[str, Any]) -> Config:
     http = HttpSection(enabled=h.get("enabled", bool, True), host=h.get("host", str, "127.0.0.1"),
                        port=_port(h.get("port", int, 8080), "http.port"), tokens_file=h.get("tokens_file", str, ""))
     h.done()
-    if http.enabled and not http.tokens_file and not _is_loopback(http.host):
+    if http.enabled and not http.tokens_file and not is_loopback(http.host):
         raise ConfigError(f"http.host: {http.host!r} is not a loopback address; set http.tokens_file "
                           "(without tokens the HTTP face serves loopback only)")
 
@@ -464,7 +464,8 @@ def _port(value: int, where: str) -> int:
     return value
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
     if host == "localhost":
         return True
     try:

@@ -7,7 +7,6 @@ when the configuration is loaded, and again here).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import threading
@@ -23,7 +22,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from node import __version__
-from node.config.schema import PRIORITY_NAMES, HttpSection
+from node.config.schema import PRIORITY_NAMES, HttpSection, is_loopback
 from node.errors import ConfigError, NodeError
 from node.web.auth import Tokens
 
@@ -115,7 +114,7 @@ class WebServer:
     """uvicorn serving the application on a thread of ``ainode serve``."""
 
     def __init__(self, section: HttpSection, ctx: WebContext) -> None:
-        if not _loopback(section.host) and not ctx.tokens.required:
+        if not is_loopback(section.host) and not ctx.tokens.required:
             raise ConfigError(f"http.host {section.host!r} is not a loopback address: set http.tokens_file "
                               "(without tokens the HTTP face serves loopback only)")
         self.section = section
@@ -157,12 +156,3 @@ class WebServer:
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(10)
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -1,0 +1,163 @@
+"""Results a PACS can trust over time: late slices give new result UIDs (never an overwrite
+the PACS may refuse), the earlier result is recorded as superseded; reasons are the real ones;
+an unresolved @origin is a visible failed delivery; the source's body part is carried."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from conftest import free_port
+from node.synthetic.ct import make_ct_series
+from nodeproc import REPO, NodeProcess, write_config
+
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+BOUND_S = 180.0
+
+
+def wait_for(predicate, what: str, timeout: float = BOUND_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def node_for(tmp_path: Path, models: Path, destinations: list[dict], send_to: list[str]) -> NodeProcess:
+    port = free_port()
+    config = write_config(tmp_path / "node.toml", {
+        "node": {"host": "127.0.0.1", "port": port, "data_dir": str(tmp_path / "data")},
+        "ingest": {"series_timeout_s": 1.0, "min_free_disk_mb": 0},
+        "inference": {"models_dir": str(models), "providers": ["CPUExecutionProvider"]},
+        "delivery": {"backoff_s": 0.5, "max_attempts": 3, "timeout_s": 10},
+        **({"destinations": destinations} if destinations else {}),
+        "routes": [{"name": "ct", "match": {"Modality": "CT"}, "models": ["ct-tissue"], "send_to": send_to}],
+    })
+    return NodeProcess(config=config, port=port, data_dir=tmp_path / "data", log=tmp_path / "node.log").start()
+
+
+def storescu(dcmtk, node: NodeProcess, files, aet: str = "CTSCANNER") -> None:
+    dcmtk.run("storescu", "-aet", aet, "-aec", "AINODE", "127.0.0.1", str(node.port), *[str(f) for f in files])
+
+
+def results_in(orthanc, study_uid: str, sop_class: str) -> list[pydicom.Dataset]:
+    out = []
+    for instance in orthanc.instances():
+        tags = orthanc.get(f"/instances/{instance}/simplified-tags")
+        if tags.get("SOPClassUID") == sop_class and tags.get("StudyInstanceUID") == study_uid:
+            out.append(pydicom.dcmread(io.BytesIO(orthanc.download(instance))))
+    return out
+
+
+def jobs(node: NodeProcess) -> list[dict]:
+    return json.loads(node.cli("jobs", "--json").stdout or "[]")
+
+
+def test_late_slices_give_new_results_that_a_default_orthanc_keeps(dcmtk, orthanc, models_dir, tmp_path):
+    """Orthanc in its default configuration (OverwriteInstances false) keeps the first of two
+    objects with one SOP Instance UID: a re-run must carry new UIDs to be seen at all."""
+    node = node_for(tmp_path, models_dir, [{"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                                            "port": orthanc.dicom_port}], ["pacs"])
+    try:
+        phantom = make_ct_series(tmp_path / "ct", slices=40, size=64)
+        files = sorted(phantom.files, key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True)
+                                                           .ImagePositionPatient[2]))
+        storescu(dcmtk, node, files[:36])
+        first = wait_for(lambda: results_in(orthanc, phantom.study_uid, SEG_CLASS), "the first SEG in Orthanc")
+        assert len(first) == 1 and len(first[0].ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 36
+        storescu(dcmtk, node, files[36:])                 # four late slices of the same series
+        segs = wait_for(lambda: (lambda s: s if len(s) == 2 else None)(
+            results_in(orthanc, phantom.study_uid, SEG_CLASS)), "the second SEG in Orthanc")
+        newest = max(segs, key=lambda ds: len(ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence))
+        assert len(newest.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 40
+        assert newest.SOPInstanceUID != first[0].SOPInstanceUID
+        assert newest.SeriesInstanceUID != first[0].SeriesInstanceUID
+        srs = results_in(orthanc, phantom.study_uid, SR_CLASS)
+        assert len(srs) == 2 and len({ds.SOPInstanceUID for ds in srs}) == 2
+        job = jobs(node)[0]
+        superseded = {r["sop_instance_uid"] for r in job["summary"]["supersedes"]}
+        assert first[0].SOPInstanceUID in superseded and len(superseded) == 2       # the SEG and its SR
+        assert "supersedes 2 earlier result objects (its input changed)" in node.cli("jobs").stdout
+        audit = json.loads(node.cli("audit", "--action", "superseded", "--json").stdout)
+        assert audit and first[0].SOPInstanceUID in audit[0]["detail"]["result_uids"]
+        # The same input again (a re-send of all 40) changes nothing: the same UIDs, no third SEG.
+        storescu(dcmtk, node, files)
+        wait_for(lambda: jobs(node)[0]["status"] == "done" and jobs(node)[0]["attempts"] >= 1
+                 and len([d for d in jobs(node)[0]["deliveries"] if d["status"] == "done"]) >= 3,
+                 "the re-send processed")
+        assert len(results_in(orthanc, phantom.study_uid, SEG_CLASS)) == 2
+        for ds in segs + srs:
+            path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+            ds.save_as(path)
+            subprocess.run(["bash", str(REPO.parent / "shared" / "tools" / "validate_dicom.sh"), str(path)],
+                           check=True, capture_output=True)
+    finally:
+        node.stop()
+
+
+def test_wrong_modality_is_the_reason_given_before_any_pixel_is_decoded(dcmtk, models_dir, tmp_path):
+    node = node_for(tmp_path, models_dir, [], [])
+    node.config.write_text(node.config.read_text().replace('match = { Modality = "CT" }', ""))
+    node.stop()
+    node.start()
+    try:
+        phantom = make_ct_series(tmp_path / "mr", slices=3, size=32)
+        for path in phantom.files:                      # an MR series whose pixel data cannot decode
+            ds = pydicom.dcmread(path)
+            ds.Modality = "MR"
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+            ds.PixelData = b"\x00" * 10
+            ds.save_as(path)
+        storescu(dcmtk, node, phantom.files, aet="MRSCANNER")
+        job = wait_for(lambda: [j for j in jobs(node) if j["status"] == "failed"], "the job failed")[0]
+        assert "model ct-tissue takes CT, series is MR" in job["error"], job["error"]
+    finally:
+        node.stop()
+
+
+def test_unresolved_origin_is_a_visible_failed_delivery(dcmtk, models_dir, tmp_path):
+    node = node_for(tmp_path, models_dir, [], ["@origin"])
+    try:
+        phantom = make_ct_series(tmp_path / "ct", slices=4, size=32)
+        storescu(dcmtk, node, phantom.files, aet="UNKNOWNCT")
+        job = wait_for(lambda: [j for j in jobs(node) if j["deliveries"] and
+                                j["deliveries"][0]["status"] == "failed"], "a failed delivery")[0]
+        error = job["deliveries"][0]["error"]
+        assert "@origin: the sender 'UNKNOWNCT' is not a configured destination" in error, error
+        shown = node.cli("jobs").stdout
+        assert "-> @origin:UNKNOWNCT: failed" in shown, shown
+        status = node.cli("status").stdout
+        assert "deliveries    failed 1" in status, status
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize("body_part", ["CHEST"])
+def test_the_seg_carries_the_source_body_part(dcmtk, models_dir, tmp_path, body_part):
+    from node.demo import DemoPacs
+
+    pacs = DemoPacs("PACS")
+    node = node_for(tmp_path, models_dir, [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                                            "port": pacs.port}], ["pacs"])
+    try:
+        phantom = make_ct_series(tmp_path / "ct", slices=4, size=32)
+        for path in phantom.files:
+            ds = pydicom.dcmread(path)
+            ds.BodyPartExamined = body_part
+            ds.save_as(path)
+        storescu(dcmtk, node, phantom.files)
+        wait_for(lambda: len(pacs.received) == 2, "SEG and SR at the PACS")
+        seg = next(ds for _, ds in pacs.received if ds.Modality == "SEG")
+        assert seg.BodyPartExamined == body_part
+    finally:
+        node.stop()
+        pacs.stop()
