@@ -98,7 +98,7 @@ def test_late_slices_give_new_results_that_a_default_orthanc_keeps(dcmtk, orthan
         for ds in segs + srs:
             path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
             ds.save_as(path)
-            subprocess.run(["bash", str(REPO.parent / "shared" / "tools" / "validate_dicom.sh"), str(path)],
+            subprocess.run(["bash", str(REPO / "tests" / "tools" / "validate_dicom.sh"), str(path)],
                            check=True, capture_output=True)
     finally:
         node.stop()

@@ -269,8 +269,12 @@ def test_positive_finding_notifies_raises_priority_and_routes_on_result(
 def test_reload_swaps_routes_without_dropping_associations_and_refuses_bad_ones(dcmtk, node_factory, tmp_path):
     first_pacs, second_pacs = DemoPacs("PACS1"), DemoPacs("PACS2")
     try:
+        # The series is complete when the association is released (after the reload), not
+        # by a quiet timer that a slow reload on a busy machine could outlast.
         node = node_factory([dest("one", "PACS1", first_pacs.port), dest("two", "PACS2", second_pacs.port)],
-                            [{"name": "to-one", "match": {"Modality": "CT"}, "forward_to": ["one"]}]).start()
+                            [{"name": "to-one", "match": {"Modality": "CT"}, "forward_to": ["one"]}],
+                            ingest={"series_timeout_s": 3600, "min_free_disk_mb": 10, "fsync": False,
+                                    "complete_on_release": ["CTSCANNER"], "release_grace_s": 0.2}).start()
         original = node.config.read_text()
         phantom = make_ct_series(tmp_path / "ct", slices=6, size=32)
         files = sorted(phantom.files)

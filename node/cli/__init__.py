@@ -11,8 +11,8 @@ from typing import Sequence
 
 from node import __version__
 from node.cli.common import DEFAULT_CONFIG, setup_logging
-from node.cli.queue import (cmd_audit, cmd_jobs, cmd_notifications, cmd_retry, cmd_routes_log, cmd_status,
-                            cmd_worklist)
+from node.cli.queue import (cmd_audit, cmd_jobs, cmd_mpps, cmd_notifications, cmd_retry, cmd_routes_log,
+                            cmd_status, cmd_worklist)
 from node.cli.serve import cmd_reload, cmd_serve
 from node.cli.tools import cmd_demo, cmd_echo, cmd_models, cmd_routes_test, cmd_send
 from node.errors import ConfigError, NodeError
@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--action", help="only this action (received, result, delivered, retry, purged)")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_audit)
+    mp = with_config(sub.add_parser("mpps", help="Modality Performed Procedure Steps received, and what they wait for"))
+    mp.add_argument("--limit", type=int, default=50)
+    mp.add_argument("--json", action="store_true")
+    mp.set_defaults(func=cmd_mpps)
     m = sub.add_parser("models", help="list or check model packages")
     msub = m.add_subparsers(dest="action", required=True)
     with_config(msub.add_parser("list")).set_defaults(func=cmd_models)

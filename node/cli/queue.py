@@ -34,7 +34,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"model:      {name} {m['version']} ({m['task']}, {m['kind']}) on {m['provider']}"
                   f"{binding}; warm-up {1000 * m['warmup_s']:.0f} ms{demo}")
     print(f"database:   {db.url}")
-    for name in ("instances", "series", "jobs", "deliveries", "notifications"):
+    for name in ("instances", "series", "jobs", "deliveries", "notifications", "mpps"):
         parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.get(name, {}).items())) or "none"
         print(f"{name:13s} {parts}")
     return 0
@@ -146,4 +146,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
         detail = " ".join(f"{k}={v}" for k, v in r["detail"].items())
         print(f"{when}  {r['actor']:24s} {r['action']:10s} {r['subject']}  {detail}")
+    return 0
+
+
+def cmd_mpps(args: argparse.Namespace) -> int:
+    rows = open_db(args).mpps_report(args.limit)
+    if json_or_empty(args, rows, "no MPPS received"):
+        return 0
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["updated_at"]))
+        series = ", ".join(f"{uid} ({n} instances)" for uid, n in r["series"].items()) or "no series yet"
+        print(f"{when}  {r['status']:12s} {r['uid']} from {r['calling_aet']}: {series}")
+        if r["waiting"]:
+            print(f"    {r['waiting']}")
     return 0

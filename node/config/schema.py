@@ -58,6 +58,9 @@ class IngestSection:
     processes: int = 1                          # listener processes sharing the port
     association_timeout_s: float = 5.0          # ARTIM: the A-ASSOCIATE-RQ (and TLS handshake) deadline
     max_associations_per_address: int = 8       # connections one source address may hold open
+    complete_on_release: tuple[str, ...] = ()   # calling AE patterns that send whole series per association
+    release_grace_s: float = 1.0                # after such a release, before its series are complete
+    mpps_discontinued: str = "process"          # a DISCONTINUED MPPS: "process" what arrived, or "quiet_timer"
 
 
 @dataclass(frozen=True)
@@ -251,8 +254,15 @@ def parse_config(data: dict[str, Any]) -> Config:
         processes=i.positive("processes", int, 1),
         association_timeout_s=i.positive("association_timeout_s", float, 5.0),
         max_associations_per_address=i.positive("max_associations_per_address", int, 8),
+        complete_on_release=tuple(i.str_list("complete_on_release")),
+        release_grace_s=i.get("release_grace_s", float, 1.0),
+        mpps_discontinued=i.get("mpps_discontinued", str, "process"),
     )
     i.done()
+    if ingest.mpps_discontinued not in ("process", "quiet_timer"):
+        raise ConfigError(f"ingest.mpps_discontinued: 'process' or 'quiet_timer', not {ingest.mpps_discontinued!r}")
+    if ingest.release_grace_s < 0:
+        raise ConfigError("ingest.release_grace_s: must be 0 or more")
     if ingest.min_free_disk_mb < 0:
         raise ConfigError("ingest.min_free_disk_mb: must be 0 or more")
     if ingest.max_pdu_size != 0 and ingest.max_pdu_size < 4096:

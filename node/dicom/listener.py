@@ -7,6 +7,7 @@ a named DICOM status and one log line that says why.
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import logging
 import signal
@@ -27,7 +28,7 @@ from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndia
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dsutils import decode, encode_file_meta
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import ModalityPerformedProcedureStep, Verification
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
@@ -38,6 +39,7 @@ from node.metrics import Metrics
 from node.storage.db import Database, InstanceRecord
 from node.storage.files import FileStore, valid_uid
 from node.dicom.tls import server_context
+from node.dicom.mpps import MppsService
 from node.dicom.server import ListenerServer
 from node.dicom.transport import FastRequestHandler, FastSocket, PeerLimits, quiet_pynetdicom
 
@@ -95,6 +97,7 @@ class Ingest:
         self.store = store
         self.db = db
         self.metrics = metrics or Metrics()
+        self.mpps = MppsService(db)
         self.stats = IngestStats()
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
@@ -116,6 +119,7 @@ class Ingest:
         if self.config.ingest.allowed_calling_aets:
             ae.require_calling_aet = list(self.config.ingest.allowed_calling_aets)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(ModalityPerformedProcedureStep)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         return ae
@@ -134,6 +138,8 @@ class Ingest:
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_CREATE, self.mpps.on_create),
+            (evt.EVT_N_SET, self.mpps.on_set),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -225,7 +231,32 @@ class Ingest:
         self._audit_association(event, "aborted")
 
     def _on_released(self, event: evt.Event) -> None:
+        self._complete_on_release(event)
         self._audit_association(event, "released")
+
+    def _complete_on_release(self, event: evt.Event) -> None:
+        """A sender that sends whole series per association (``ingest.complete_on_release``):
+        the series it carried are complete when it releases, after a grace, unless another
+        open association is adding to them."""
+        patterns = self.config.ingest.complete_on_release
+        calling = event.assoc.requestor.ae_title.strip()
+        if not patterns or not any(fnmatch.fnmatchcase(calling.upper(), p.upper()) for p in patterns):
+            return
+        with self._lock:
+            mine = set(self._received.get(id(event.assoc), {}))
+            others = {key for assoc, series in self._received.items() if assoc != id(event.assoc) for key in series}
+        complete = sorted(series_uid for study_uid, series_uid in mine - others)
+        if not complete:
+            return
+        grace = self.config.ingest.release_grace_s
+        try:
+            n = self.db.set_evidence(complete, "release", time.time() + grace)
+        except SQLAlchemyError as exc:
+            log.warning("association release from %s: could not record its series as complete (%s); "
+                        "the quiet timer applies", calling, _first_line(exc))
+            return
+        log.info("association from %s released: %d series complete in %.1f s (ingest.complete_on_release)",
+                 calling, n, grace, extra={"series": complete})
 
     def _audit_association(self, event: evt.Event, how: str) -> None:
         """One audit row per association that stored something: who sent which series."""

@@ -16,10 +16,16 @@ from node.config.schema import Config
 from node.routing.assemble import (FIRE_INCOMPLETE, NO_MATCH, NOT_YET, WAIT, StudyMember, association_facts,
                                    plan_series, plan_study, series_facts)
 from node.metrics import Metrics
-from node.stage import IDLE_WAIT_S, Stage
+from node.stage import Stage
 from node.storage.db import Database, SeriesRow, SeriesStatus
 
 log = logging.getLogger(__name__)
+
+#: How often evidence (an MPPS, a release) is looked at: the delay it adds at most.
+EVIDENCE_POLL_S = 0.25
+#: How long a completed MPPS waits for the instances it references (the quiet timer applies meanwhile).
+MPPS_WAIT_S = 24 * 3600.0
+EVIDENCE_NAMES = {"quiet_timer": "the quiet timer", "mpps": "MPPS", "release": "association release"}
 
 
 class Assembler(Stage):
@@ -38,14 +44,49 @@ class Assembler(Stage):
         self.wake_deliveries = wake_deliveries
 
     def run_loop(self) -> None:
-        while not self.stop_event.wait(min(IDLE_WAIT_S, max(0.1, self.config().ingest.series_timeout_s / 5))):
+        while not self.stop_event.wait(min(EVIDENCE_POLL_S, max(0.1, self.config().ingest.series_timeout_s / 5))):
+            self.apply_mpps()
             self.assemble_once(time.time() - self.config().ingest.series_timeout_s)
             self.assemble_studies(time.time())
 
-    def assemble_once(self, quiet_since: float) -> int:
-        """Assemble every series quiet since ``quiet_since``; returns how many."""
+    def apply_mpps(self, now: float | None = None) -> int:
+        """Give the series of every final MPPS their evidence once all the instances it
+        references have arrived; returns how many series were marked complete."""
+        now = time.time() if now is None else now
+        marked = 0
+        for mpps in self.db.mpps_to_decide():
+            if mpps["status"] == "DISCONTINUED" and self.config().ingest.mpps_discontinued == "quiet_timer":
+                self.db.mpps_decided(mpps["id"], True, "discontinued: the quiet timer decides")
+                log.info("MPPS %s DISCONTINUED: its series are left to the quiet timer (ingest.mpps_discontinued)",
+                         mpps["uid"])
+                continue
+            if now - mpps["updated_at"] > MPPS_WAIT_S:
+                self.db.mpps_decided(mpps["id"], True, f"gave up after {MPPS_WAIT_S / 3600:.0f} h: {mpps['waiting']}")
+                continue
+            refs: dict[str, list[str]] = mpps["references"]
+            present = self.db.instances_present(uid for uids in refs.values() for uid in uids)
+            if mpps["status"] == "DISCONTINUED":      # what arrived is processed now
+                ready = [series for series, uids in refs.items() if set(uids) & present]
+                refs = {series: [u for u in uids if u in present] for series, uids in refs.items()}
+            else:
+                ready = [series for series, uids in refs.items() if set(uids) <= present]
+            missing = {series: len(set(uids) - present) for series, uids in refs.items() if series not in ready}
+            if ready:
+                marked += self.db.set_evidence(ready, "mpps", now)
+            waiting = "; ".join(f"{n} referenced instances of series {s} missing" for s, n in sorted(missing.items()))
+            self.db.mpps_decided(mpps["id"], not missing, waiting)
+            if ready:
+                log.info("MPPS %s %s: %d series complete by its evidence", mpps["uid"], mpps["status"], len(ready))
+            if missing and waiting != mpps["waiting"]:
+                log.warning("MPPS %s %s: %s; waiting for them (the quiet timer still applies)", mpps["uid"],
+                            mpps["status"], waiting)
+        return marked
+
+    def assemble_once(self, quiet_since: float, now: float | None = None) -> int:
+        """Assemble every series quiet since ``quiet_since``, or complete by evidence at
+        ``now``; returns how many."""
         done = 0
-        for series in self.db.quiet_series(quiet_since):
+        for series in self.db.quiet_series(quiet_since, now):
             config = self.config()
             paths = self.db.series_paths(series.id)
             facts = self._facts(series, paths[0] if paths else "")
@@ -55,10 +96,11 @@ class Assembler(Stage):
                                     study_check=bool(config.study_routes)):
                 continue  # an instance arrived meanwhile: it stays receiving
             done += 1
-            self.metrics.series_completed.labels("quiet_timer").inc()
+            evidence = series.evidence or "quiet_timer"
+            self.metrics.series_completed.labels(evidence).inc()
             matched = [d.route for d in plan.decisions if d.matched]
-            log.info("series %s complete (%d instances): routes %s; jobs %s; forwards %s",
-                     series.series_uid, len(paths), matched or "none",
+            log.info("series %s complete (%d instances, by %s): routes %s; jobs %s; forwards %s",
+                     series.series_uid, len(paths), EVIDENCE_NAMES.get(evidence, evidence), matched or "none",
                      [j.model for j in plan.jobs] or "none", list(plan.forwards) or "none",
                      extra={"series_uid": series.series_uid, "routes": plan.explanation()})
             if plan.jobs:

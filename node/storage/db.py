@@ -29,13 +29,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from typing import Any, Sequence
 
-from sqlalchemy import create_engine, event, func, select, text, update
+from sqlalchemy import and_, create_engine, event, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from node.storage.evidence import EvidenceQueries
 from node.storage.queue import QueueQueries
 from node.storage.reports import ReportQueries
 from node.storage.schema import (ROUTINE, AuditEvent, Base, Delivery, DeliveryRow, DeliveryStatus, Instance,
@@ -70,7 +72,7 @@ def _private_sqlite_file(name: str | None) -> None:
     os.chmod(name, 0o600)
 
 
-class Database(QueueQueries, ReportQueries):
+class Database(QueueQueries, EvidenceQueries, ReportQueries):
     """The node's queue and catalogue over any SQLAlchemy URL (SQLite in WAL mode by default).
 
     This module holds the engine, ingest, assembly, study routes, retention and the audit;
@@ -148,13 +150,20 @@ class Database(QueueQueries, ReportQueries):
         return before if before is not None and before != rec.path else None
 
     # -------------------------------------------------------------- assemble
-    def quiet_series(self, quiet_since: float) -> list[SeriesRow]:
-        """Series still receiving whose last instance arrived before ``quiet_since``."""
-        stmt = (select(Series, Study).join(Study, Series.study_id == Study.id)
-                .where(Series.status == SeriesStatus.RECEIVING.value, Series.last_received_at < quiet_since)
+    def quiet_series(self, quiet_since: float, now: float | None = None) -> list[SeriesRow]:
+        """Series still receiving that are complete: their last instance arrived before
+        ``quiet_since``, or evidence (an MPPS, a release) says so since their last instance.
+        ``evidence`` of the rows says which ("" for the quiet timer)."""
+        now = time.time() if now is None else now
+        by_evidence = and_(Series.evidence_at.is_not(None), Series.evidence_at <= now,
+                           Series.evidence_at >= Series.last_received_at)
+        stmt = (select(Series, Study, by_evidence.label("early")).join(Study, Series.study_id == Study.id)
+                .where(Series.status == SeriesStatus.RECEIVING.value,
+                       or_(Series.last_received_at < quiet_since, by_evidence))
                 .order_by(Series.last_received_at))
         with Session(self.engine) as session:
-            return [_series_row(s, st) for s, st in session.execute(stmt).all()]
+            return [replace(_series_row(s, st), evidence=s.evidence if early else "")
+                    for s, st, early in session.execute(stmt).all()]
 
     def series_paths(self, series_id: int) -> list[str]:
         with self.engine.connect() as conn:

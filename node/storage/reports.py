@@ -15,8 +15,8 @@ from sqlalchemy import Integer, cast, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from node.storage.schema import (AuditEvent, Delivery, DeliveryStatus, Instance, Job, JobStatus, Notification, Series,
-                                 Study, StudyRoute)
+from node.storage.schema import (AuditEvent, Delivery, DeliveryStatus, Instance, Job, JobStatus, Mpps, Notification,
+                                 Series, Study, StudyRoute)
 
 
 class ReportQueries:
@@ -28,7 +28,7 @@ class ReportQueries:
         out: dict[str, dict[str, int]] = {}
         with self.engine.connect() as conn:
             for name, model in (("series", Series), ("jobs", Job), ("deliveries", Delivery),
-                                ("notifications", Notification)):
+                                ("notifications", Notification), ("mpps", Mpps)):
                 rows = conn.execute(select(model.status, func.count()).group_by(model.status)).all()
                 out[name] = {status: n for status, n in rows}
             out["instances"] = {"stored": conn.execute(select(func.count()).select_from(Instance)).scalar_one()}

@@ -73,6 +73,26 @@ class Series(Base):
     caller_address: Mapped[str] = mapped_column(String(64), default="")   # the sender's IP address
     status: Mapped[str] = mapped_column(String(16), default=SeriesStatus.RECEIVING.value, index=True)
     routes: Mapped[str] = mapped_column(Text, default="")   # why routes matched or not, as JSON
+    # Completion by evidence: complete at evidence_at (before the quiet timer) by "mpps" or
+    # "release", unless an instance arrived after it.
+    evidence: Mapped[str] = mapped_column(String(16), default="")
+    evidence_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Mpps(Base):
+    """A Modality Performed Procedure Step (N-CREATE, N-SET) and the instances it references."""
+
+    __tablename__ = "mpps"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[str] = mapped_column(String(16))            # IN PROGRESS | COMPLETED | DISCONTINUED
+    calling_aet: Mapped[str] = mapped_column(String(16), default="")
+    study_uid: Mapped[str] = mapped_column(String(64), default="")
+    references: Mapped[str] = mapped_column(Text, default="{}")   # {series_uid: [sop_instance_uid, ...]}
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    decided: Mapped[int] = mapped_column(Integer, default=0)       # 1: its series were given their evidence
+    waiting: Mapped[str] = mapped_column(Text, default="")         # what it still waits for, said once
 
 
 class Instance(Base):
@@ -202,6 +222,7 @@ class SeriesRow:
     study_id: int = 0
     accession: str = ""
     description: str = ""
+    evidence: str = ""                 # what completed it early ("mpps", "release"), or ""
 
 
 @dataclass(frozen=True)
