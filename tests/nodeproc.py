@@ -41,6 +41,18 @@ def build_models(folder: Path, names: tuple[str, ...] = ("ct-tissue",)) -> Path:
     return folder
 
 
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 180.0, poll: float = 0.1) -> Any:
+    """Wait until ``predicate()`` is truthy and return it; fail naming ``what`` after ``timeout``
+    (a generous bound for a busy machine, not a guess of how long it takes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

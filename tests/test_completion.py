@@ -5,7 +5,6 @@ series at once, long before the quiet timer (an hour here, so it cannot be what 
 from __future__ import annotations
 
 import json
-import time
 
 import pydicom
 import pytest
@@ -17,20 +16,10 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep
 from conftest import free_port
 from node.demo import DemoPacs
 from node.synthetic.ct import make_ct_series
-from nodeproc import NodeProcess, write_config
+from nodeproc import wait_for, NodeProcess, write_config
 
-BOUND_S = 120.0
 TIMER_S = 3600.0
 
-
-def wait_for(predicate, what: str, timeout: float = BOUND_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

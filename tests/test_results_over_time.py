@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pydicom
@@ -15,21 +14,11 @@ import pytest
 
 from conftest import free_port
 from node.synthetic.ct import make_ct_series
-from nodeproc import REPO, NodeProcess, write_config
+from nodeproc import wait_for, REPO, NodeProcess, write_config
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
-BOUND_S = 180.0
 
-
-def wait_for(predicate, what: str, timeout: float = BOUND_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def node_for(tmp_path: Path, models: Path, destinations: list[dict], send_to: list[str]) -> NodeProcess:

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from io import BytesIO
 from pathlib import Path
 
@@ -20,23 +19,13 @@ from PIL import Image
 from conftest import free_port, stop_process, wait_for_port
 from node.results.preview import render_segmentation
 from node.synthetic.ct import make_ct_series, phantom_volume
-from nodeproc import REPO, NodeProcess, write_config
+from nodeproc import wait_for, REPO, NodeProcess, write_config
 
 TOKENS = {"viewer": "viewer-token-0123456789", "operator": "operator-token-0123456789",
           "sender": "sender-token-0123456789"}
 ARTIFACTS = REPO / "test-artifacts"
-BOUND_S = 180.0
 SLICES, SIZE = 24, 128
 
-
-def wait_for(predicate, what: str, timeout: float = BOUND_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Site:
