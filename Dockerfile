@@ -63,6 +63,9 @@ VOLUME /var/lib/ainode
 USER ainode
 WORKDIR /var/lib/ainode
 EXPOSE 11112
+# The HTTP face (dashboard, API, /metrics) listens on 127.0.0.1:8080 inside the container; to
+# reach it from outside set http.host = "0.0.0.0" with an http.tokens_file, and publish 8080.
+EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
     CMD ["ainode", "echo", "AINODE@127.0.0.1:11112"]
 CMD ["ainode", "serve", "--config", "/etc/ainode/node.toml"]
