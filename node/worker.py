@@ -47,7 +47,7 @@ from node.inference.models import NodeState, load_models
 from node.inference.runtime import ModelRuntime
 from node.inference.volume import load_series
 from node.metrics import Metrics
-from node.results.encode import encode_classification, encode_segmentation
+from node.results.encode import encode_classification, encode_image_classifications, encode_segmentation
 from node.routing.assembler import Assembler
 from node.routing.notifier import Notifier
 from node.routing.notify import webhook_url
@@ -203,6 +203,12 @@ class Inference(Stage):
         first = _first_header(paths[0])
         runtime.check_headers(str(first.get("Modality", "") or ""), str(first.get("SOPClassUID", "") or ""),
                               len(paths))
+        # A result's UIDs follow its input: the same instances and model version give the
+        # same UIDs (a re-send replaces), changed content (late instances) gives new ones.
+        fingerprint = input_fingerprint(paths)
+        job_key = f"{series_uid}|{manifest.name}|{manifest.version}|{fingerprint}"
+        if manifest.input.kind == "image" and len(paths) > 1:
+            return self._run_images(runtime, job, paths, job_key, fingerprint, timings, t)
         volume = load_series(paths)
         timings["decode"] = time.perf_counter() - t
 
@@ -210,10 +216,6 @@ class Inference(Stage):
         timings.update(prediction.timings)
 
         t = time.perf_counter()
-        # A result's UIDs follow its input: the same instances and model version give the
-        # same UIDs (a re-send replaces), changed content (late instances) gives new ones.
-        fingerprint = input_fingerprint(paths)
-        job_key = f"{series_uid}|{manifest.name}|{manifest.version}|{fingerprint}"
         summary: dict[str, Any] = {"model": manifest.name, "version": manifest.version,
                                    "provider": prediction.provider, "slices": int(volume.pixels.shape[0]),
                                    "input_fingerprint": fingerprint}
@@ -228,6 +230,10 @@ class Inference(Stage):
             outputs = {"sr.dcm": sr}
             summary["findings"] = [dict(name=f.name, probability=round(f.probability, 4), positive=f.positive,
                                         priority=f.priority) for f in findings]
+        return self._finish_outputs(job, outputs, summary, timings, t)
+
+    def _finish_outputs(self, job: JobRow, outputs: dict[str, pydicom.Dataset], summary: dict[str, Any],
+                        timings: dict[str, float], t: float) -> tuple[dict[str, Any], list[str]]:
         summary["results"] = [dict(sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),
                                    series_instance_uid=str(ds.SeriesInstanceUID), modality=str(ds.Modality))
                               for ds in outputs.values()]
@@ -236,6 +242,34 @@ class Inference(Stage):
         timings["encode"] = time.perf_counter() - t
         summary["timings"] = {k: round(v, 4) for k, v in timings.items()}
         return summary, files
+
+    def _run_images(self, runtime: ModelRuntime, job: JobRow, paths: list[Path], job_key: str, fingerprint: str,
+                    timings: dict[str, float], t: float) -> tuple[dict[str, Any], list[str]]:
+        """An ``image`` model on a series of several images (a PA and a lateral, say): each
+        image is classified on its own; one SR holds each image's findings, and the series'
+        findings (the most probable image per finding) drive triage."""
+        manifest = runtime.manifest
+        per_image: list[tuple[pydicom.Dataset, Any]] = []
+        timings["decode"] = 0.0
+        provider = ""
+        for path in sorted(paths, key=lambda p: p.name):
+            t0 = time.perf_counter()
+            volume = load_series([path])
+            timings["decode"] += time.perf_counter() - t0
+            prediction = runtime.run(volume)
+            for stage, seconds in prediction.timings.items():
+                timings[stage] = timings.get(stage, 0.0) + seconds
+            provider = prediction.provider
+            assert prediction.scores is not None
+            per_image.append((volume.headers[0], prediction.scores))
+        t = time.perf_counter()
+        sr, findings, images = encode_image_classifications(per_image, manifest, job_key)
+        summary: dict[str, Any] = {"model": manifest.name, "version": manifest.version, "provider": provider,
+                                   "slices": len(per_image), "input_fingerprint": fingerprint,
+                                   "findings": [dict(name=f.name, probability=round(f.probability, 4),
+                                                     positive=f.positive, priority=f.priority) for f in findings],
+                                   "images": images}
+        return self._finish_outputs(job, {"sr.dcm": sr}, summary, timings, t)
 
     def _write_results(self, job_id: int, outputs: dict[str, pydicom.Dataset]) -> list[str]:
         folder = self.store.result_dir(job_id)

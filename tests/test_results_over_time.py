@@ -150,3 +150,54 @@ def test_the_seg_carries_the_source_body_part(dcmtk, models_dir, tmp_path, body_
     finally:
         node.stop()
         pacs.stop()
+
+
+def test_a_radiograph_series_of_several_images_classifies_each_image(dcmtk, tmp_path):
+    """A PA, a lateral and a repeat in one series: each image is classified and referenced by
+    its own measurement groups in one SR; the series is positive when one image is."""
+    from node.demo import DemoPacs
+    from node.synthetic.radiograph import make_chest_radiograph
+    from nodeproc import build_models
+
+    models = build_models(tmp_path / "models", ("chest-xray-demo",))
+    pacs = DemoPacs("PACS")
+    port = free_port()
+    config = write_config(tmp_path / "node.toml", {
+        "node": {"host": "127.0.0.1", "port": port, "data_dir": str(tmp_path / "data")},
+        "ingest": {"series_timeout_s": 1.0, "min_free_disk_mb": 0},
+        "inference": {"models_dir": str(models), "providers": ["CPUExecutionProvider"]},
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+        "routes": [{"name": "xr", "match": {"Modality": ["DX", "CR"]}, "models": ["chest-xray-demo"],
+                    "send_to": ["pacs"]}],
+    })
+    node = NodeProcess(config=config, port=port, data_dir=tmp_path / "data", log=tmp_path / "node.log").start()
+    try:
+        films = [make_chest_radiograph(tmp_path / f"xr{k}", seed=k, positive=k == 1, rows=rows, cols=cols,
+                                       study_uid="1.2.826.0.1.3680043.10.68.1")
+                 for k, (rows, cols) in enumerate([(512, 420), (480, 400), (512, 420)])]
+        series_uid = "1.2.826.0.1.3680043.10.68.2"
+        for k, film in enumerate(films):                 # one series of three images of two sizes
+            ds = pydicom.dcmread(film.path)
+            ds.SeriesInstanceUID, ds.InstanceNumber = series_uid, k + 1
+            ds.save_as(film.path)
+        storescu(dcmtk, node, [f.path for f in films], aet="XRAYROOM")
+        job = wait_for(lambda: [j for j in jobs(node) if j["status"] in ("done", "failed")], "the job")[0]
+        assert job["status"] == "done", job["error"]
+        by_image = {i["sop_instance_uid"]: i["findings"][0] for i in job["summary"]["images"]}
+        assert [by_image[f.sop_instance_uid]["positive"] for f in films] == [False, True, False]
+        assert job["summary"]["findings"][0]["positive"] is True            # the series is positive
+        wait_for(lambda: len(pacs.received) == 1, "the SR at the PACS")
+        sr = pacs.received[0][1]
+        path = tmp_path / "sr.dcm"
+        sr.save_as(path, enforce_file_format=True)
+        subprocess.run(["bash", str(REPO / "tests" / "tools" / "validate_dicom.sh"), str(path)], check=True,
+                       capture_output=True)
+        import highdicom as hd
+        report = hd.sr.srread(path)
+        groups = report.content.get_planar_roi_measurement_groups() + \
+            list(report.content.get_image_measurement_groups())
+        referenced = {g.source_images[0].referenced_sop_instance_uid for g in groups}
+        assert referenced == {f.sop_instance_uid for f in films}
+    finally:
+        node.stop()
+        pacs.stop()

@@ -178,8 +178,6 @@ class ModelRuntime:
             names = ", ".join(_uid_name(u) for u in spec.sop_classes)
             raise InputError(f"model {m.name} takes {names}; series is "
                              f"{_uid_name(sop_class) if sop_class else 'without SOPClassUID'}")
-        if spec.kind == "image" and images != 1:
-            raise InputError(f"model {m.name} takes one 2D image, series has {images} files")
 
     def check_series(self, volume: SeriesVolume) -> None:
         """Refuse a series this model cannot take.

@@ -180,6 +180,55 @@ def encode_classification(sources: Sequence[pydicom.Dataset], scores: np.ndarray
     return sr, tuple(results)
 
 
+def encode_image_classifications(images: Sequence[tuple[pydicom.Dataset, np.ndarray]], manifest: ModelManifest,
+                                 job_key: str) -> tuple[pydicom.Dataset, tuple[FindingResult, ...], list[dict]]:
+    """One TID 1500 SR for a series of separately classified images: a measurement group per
+    image and finding, each referencing its image; and the series' findings (per finding, the
+    most probable image; positive when any image is).
+
+    Returns the SR, the series' findings and, per image, its SOP Instance UID and findings.
+
+    Raises:
+        InputError: no images, or scores too short for the manifest's finding indices.
+    """
+    if not images:
+        raise InputError("encode: no source images")
+    algorithm_id = _algorithm_id(manifest.algorithm)
+    groups, per_image = [], []
+    best: dict[str, FindingResult] = {}
+    for k, (ds, scores) in enumerate(images):
+        scores = np.asarray(scores, dtype=np.float64).ravel()
+        if manifest.findings and max(f.index for f in manifest.findings) >= scores.size:
+            raise InputError(f"encode: {scores.size} scores for findings of {manifest.name}")
+        mine = []
+        for finding in manifest.findings:
+            probability = float(scores[finding.index])
+            positive = probability >= finding.threshold
+            result = FindingResult(name=finding.name, probability=probability, positive=positive,
+                                   priority=finding.priority)
+            mine.append(dict(name=finding.name, probability=round(probability, 4), positive=positive))
+            if finding.name not in best or probability > best[finding.name].probability:
+                best[finding.name] = result
+            evaluations = [hd.sr.QualitativeEvaluation(
+                name=_code(finding.code), value=codes.SCT.Present if positive else codes.SCT.Absent)]
+            if positive:
+                evaluations.append(hd.sr.QualitativeEvaluation(name=_PRIORITY, value=_PRIORITIES[finding.priority]))
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=derive_uid(job_key, f"finding-{finding.index}", str(ds.SOPInstanceUID)),
+                    identifier=_lo(f"{finding.name}, image {k + 1}")),
+                finding_type=_code(finding.code),
+                algorithm_id=algorithm_id,
+                source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)],
+                measurements=[hd.sr.Measurement(name=codes.DCM.Probability, value=probability, unit=_NO_UNITS,
+                                                algorithm_id=algorithm_id)],
+                qualitative_evaluations=evaluations))
+        per_image.append(dict(sop_instance_uid=str(ds.SOPInstanceUID), findings=mine))
+    sr = _report([ds for ds, _ in images], [], groups, manifest, job_key, "classification-sr",
+                 CLASSIFICATION_SR_SERIES_NUMBER)
+    return sr, tuple(best[f.name] for f in manifest.findings), per_image
+
+
 def _segmentation(sources: Sequence[pydicom.Dataset], pixel_array: np.ndarray,
                   manifest: ModelManifest, job_key: str,
                   tracking_uids: Sequence[str]) -> hd.seg.Segmentation:

@@ -12,6 +12,7 @@ from fastapi.responses import Response
 from node.config.schema import PRIORITIES
 from node.errors import InputError
 from node.web.auth import COOKIE, GRANTS, LOCAL, Principal
+from node.worker import node_status
 
 router = APIRouter(prefix="/api/v1", tags=["api"])
 MAX_LIMIT = 1000
@@ -51,12 +52,22 @@ def _ctx(request: Request) -> Any:
 
 def status_payload(node: Any) -> dict[str, Any]:
     """What ``ainode status --json`` prints, plus readiness and the ingest rate."""
-    from node.web.app import readiness
-    from node.worker import node_status
 
     db = node.db
     return {"node": node_status(node.config), **db.counts(), "ready": readiness(node),
             "ingest_per_minute": db.ingest_rate(10)}
+
+
+def readiness(node: Any) -> dict[str, bool]:
+    """Listener up, database answering, every routed model loaded."""
+    try:
+        node.db.ping()
+        database = True
+    except Exception:  # noqa: BLE001 - any failure means not ready
+        database = False
+    routed = {m for r in node.config.routes for m in r.models}
+    return {"listener": node.ingest.listening, "database": database,
+            "models": routed <= set(node.models)}
 
 
 @router.get("/status")

@@ -24,6 +24,8 @@ from prometheus_client.registry import Collector
 from node import __version__
 from node.config.schema import PRIORITY_NAMES, HttpSection, is_loopback
 from node.errors import ConfigError, NodeError
+from node.web import api, pages
+from node.web.api import readiness
 from node.web.auth import Tokens
 
 log = logging.getLogger(__name__)
@@ -39,8 +41,6 @@ class WebContext:
 
 
 def create_app(ctx: WebContext) -> FastAPI:
-    from node.web import api, pages
-
     app = FastAPI(title="pacs-ai-node", version=__version__, docs_url="/docs", redoc_url=None,
                   description="The node's queue, results and operator actions. Reference models are "
                               "demonstrations, not for clinical use.")
@@ -71,18 +71,6 @@ def create_app(ctx: WebContext) -> FastAPI:
         return PlainTextResponse(generate_latest(ctx.node.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def readiness(node: Any) -> dict[str, bool]:
-    """Listener up, database answering, every routed model loaded."""
-    try:
-        node.db.ping()
-        database = True
-    except Exception:  # noqa: BLE001 - any failure means not ready
-        database = False
-    routed = {m for r in node.config.routes for m in r.models}
-    return {"listener": node.ingest.listening, "database": database,
-            "models": routed <= set(node.models)}
 
 
 class QueueCollector(Collector):
