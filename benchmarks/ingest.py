@@ -53,6 +53,14 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"port {port} never opened")
 
 
+def wait_file(path: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} never appeared")
+        time.sleep(0.05)
+
+
 def send(files: list[Path] | list[list[Path]], aec: str, port: int, parallel: int) -> float:
     """Seconds for ``parallel`` storescu processes (one association each) to send all files.
 
@@ -104,6 +112,7 @@ def run_node(files, work: Path, parallel: int, fsync: bool, processes: int = 1,
                              str(config)], cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_port(port)
+        wait_file(data / "ainode.pid")      # fully started (the HTTP face comes up after the listener)
         seconds = send(files, "AINODE", port, parallel)
         if timeout_s < 60:                                    # load test: wait for assembly
             time.sleep(timeout_s + 2)

@@ -107,7 +107,7 @@ class WebServer:
                               "(without tokens the HTTP face serves loopback only)")
         self.section = section
         config = uvicorn.Config(create_app(ctx), host=section.host, port=section.port, log_level="warning",
-                                access_log=False, lifespan="off", server_header=False)
+                                access_log=False, lifespan="off", server_header=False, log_config=None)
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
