@@ -288,7 +288,7 @@ class Node:
 
     def __init__(self, config: Config) -> None:
         config.node.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = FileStore(config.node.data_dir, fsync=config.ingest.fsync)
+        self.store = FileStore(config.node.data_dir, fsync=config.ingest.fsync, owner=config.node.name)
         self.db = Database(config.node.effective_database_url)
         self.db.create()
         models, stamps = load_models(config)

@@ -300,3 +300,17 @@ def _wait_echo(node: NodeProcess, timeout: float = 180.0) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def test_start_up_clean_up_removes_only_this_nodes_temporary_files(tmp_path):
+    """Two nodes on one data_dir: a node that restarts removes its own half-written files,
+    never the file another node is writing at that moment."""
+    from node.storage.files import FileStore
+
+    mine, other = FileStore(tmp_path, owner="ct-worker-1"), FileStore(tmp_path, owner="ct-worker-2")
+    for store in (mine, other):
+        (store.tmp / f"{store.owner}.123-456-1.part").write_bytes(b"half")
+    assert mine.clean_tmp() == 1
+    assert [p.name for p in (tmp_path / "tmp").iterdir()] == ["ct-worker-2.123-456-1.part"]
+    mine.write_atomic(tmp_path / "images" / "x.dcm", (b"data",))
+    assert (tmp_path / "images" / "x.dcm").read_bytes() == b"data"

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import threading
+from glob import escape as glob_escape
 from pathlib import Path
 
 from node.errors import NodeError
@@ -35,9 +36,12 @@ def valid_uid(uid: str) -> bool:
 class FileStore:
     """Atomic, UID-named files under one root folder."""
 
-    def __init__(self, root: Path, fsync: bool = True) -> None:
+    def __init__(self, root: Path, fsync: bool = True, owner: str = "node") -> None:
         self.root = root.resolve()
         self.fsync = fsync
+        # Temporary files carry the node's name: on a data_dir shared by several nodes, each
+        # cleans up only what it left itself.
+        self.owner = _safe_name(owner)
         self.images = self.root / "images"
         self.results = self.root / "results"
         self.tmp = self.root / "tmp"
@@ -62,7 +66,7 @@ class FileStore:
             self._make_folders(folder)
         with self._lock:
             self._counter += 1
-            tmp = self.tmp / f"{os.getpid()}-{threading.get_ident()}-{self._counter}.part"
+            tmp = self.tmp / f"{self.owner}.{os.getpid()}-{threading.get_ident()}-{self._counter}.part"
         size = 0
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
@@ -115,9 +119,10 @@ class FileStore:
         return shutil.disk_usage(self.root).free / 1048576
 
     def clean_tmp(self) -> int:
-        """Remove temporary files left by a crash; returns how many."""
+        """Remove the temporary files this node left at a crash (never another node's that
+        shares the data_dir); returns how many."""
         n = 0
-        for part in self.tmp.glob("*.part"):
+        for part in self.tmp.glob(f"{glob_escape(self.owner)}.*.part"):
             part.unlink(missing_ok=True)
             n += 1
         return n
