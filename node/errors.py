@@ -28,3 +28,10 @@ class InputError(PermanentError):
 
 class DeliveryError(RetryableError):
     """A destination could not be reached or refused an object."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An error as one short log line: the driver's own message for a database error
+    (SQLAlchemy's ``orig``), its first line, at most ``limit`` characters."""
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.splitlines()[0][:limit] if text.strip() else type(exc).__name__

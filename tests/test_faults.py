@@ -16,7 +16,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 
 from conftest import free_port
 from node.synthetic.ct import make_ct_series
-from nodeproc import NodeProcess, write_config
+from nodeproc import NodeProcess, wait_for, write_config
 from slowmodel import build_slow_model
 
 
@@ -72,13 +72,7 @@ def db_rows(node: NodeProcess, sql: str) -> list[tuple]:
 
 
 def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what} not reached within {timeout} s")
+    return wait_for(predicate, what, timeout, poll=0.02)
 
 
 def send_counting(port: int, files: list[Path], acked: list[str]) -> None:

@@ -15,7 +15,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from conftest import free_port
-from nodeproc import NodeProcess, write_config
+from nodeproc import NodeProcess, wait_for, write_config
 from tlscerts import make_ca
 
 ASSOCIATION_TIMEOUT_S = 2.0
@@ -27,16 +27,6 @@ def _rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
-
-
-def _wait_for(predicate, what: str, timeout: float = BOUND_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _closed_by_peer(sock: socket.socket) -> bool:
@@ -96,7 +86,7 @@ def test_pdu_claiming_4_gb_is_aborted_without_allocating(node):
         sock.sendall(bytes([0x01, 0x00, 0xFF, 0xFF, 0xFF, 0xFF]))
         socks.append(sock)
     for sock in socks:
-        _wait_for(lambda: _closed_by_peer(sock), "the node to close an oversized PDU's connection")
+        wait_for(lambda: _closed_by_peer(sock), "the node to close an oversized PDU's connection")
     peak = _rss_mb(node.process.pid)
     assert peak - idle < 100, (idle, peak)
     assert node.log_text().count("PDU of 4294967295 bytes exceeds the limit of 262144 bytes") == 16
@@ -155,7 +145,7 @@ def _associate(port: int, source: str):
 def test_http_request_and_reset_connection_log_one_warning_each(node):
     sock = _connect(node.port, "127.0.5.1")
     sock.sendall(b"GET / HTTP/1.1\r\nHost: ainode\r\n\r\n")
-    _wait_for(lambda: _closed_by_peer(sock), "the node to close an HTTP connection")
+    wait_for(lambda: _closed_by_peer(sock), "the node to close an HTTP connection")
     port = sock.getsockname()[1]
     sock.close()
     reset = _connect(node.port, "127.0.5.2")
@@ -163,8 +153,8 @@ def test_http_request_and_reset_connection_log_one_warning_each(node):
     reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     reset_port = reset.getsockname()[1]
     reset.close()                                         # RST in the middle of a PDU
-    _wait_for(lambda: f"127.0.5.2:{reset_port} closed" in node.log_text(), "the reset's log line")
-    _wait_for(lambda: f"127.0.5.1:{port} closed: not DICOM (first bytes b'GET / ')" in node.log_text(),
+    wait_for(lambda: f"127.0.5.2:{reset_port} closed" in node.log_text(), "the reset's log line")
+    wait_for(lambda: f"127.0.5.1:{port} closed: not DICOM (first bytes b'GET / ')" in node.log_text(),
               "the HTTP request's log line")
     lines = node.log_text().splitlines()
     for peer in (f"127.0.5.1:{port}", f"127.0.5.2:{reset_port}", "127.0.5.1 ", "127.0.5.2 "):

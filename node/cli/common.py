@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config.schema import Config, load_config
-from node.errors import NodeError
+from node.errors import NodeError, first_line
 
 DEFAULT_CONFIG = Path("config/node.toml")
 
@@ -85,8 +85,7 @@ def open_db(args: argparse.Namespace) -> Any:
         db = Database(url)
         db.create()
     except SQLAlchemyError as exc:
-        raise NodeError(f"cannot open the database {config.node.database_url or url}: "
-                        f"{str(getattr(exc, 'orig', exc)).splitlines()[0]}") from None
+        raise NodeError(f"cannot open the database {config.node.database_url or url}: {first_line(exc)}") from None
     return db
 
 

@@ -34,7 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.config.schema import Config
-from node.errors import NodeError
+from node.errors import NodeError, first_line
 from node.metrics import Metrics
 from node.storage.db import Database, InstanceRecord
 from node.storage.files import FileStore, valid_uid
@@ -223,11 +223,9 @@ class Ingest:
     def _on_aborted(self, event: evt.Event) -> None:
         r = event.assoc.requestor
         sock = event.assoc.dul.socket
-        if isinstance(sock, FastSocket) and sock.reported:     # its one line is logged already
-            self._audit_association(event, "aborted")
-            return
-        log.warning("association from %s at %s aborted; instances acknowledged before it are kept",
-                    r.ae_title, r.address)
+        if not (isinstance(sock, FastSocket) and sock.reported):     # else its one line is logged already
+            log.warning("association from %s at %s aborted; instances acknowledged before it are kept",
+                        r.ae_title, r.address)
         self._audit_association(event, "aborted")
 
     def _on_released(self, event: evt.Event) -> None:
@@ -253,7 +251,7 @@ class Ingest:
             n = self.db.set_evidence(complete, "release", time.time() + grace)
         except SQLAlchemyError as exc:
             log.warning("association release from %s: could not record its series as complete (%s); "
-                        "the quiet timer applies", calling, _first_line(exc))
+                        "the quiet timer applies", calling, first_line(exc))
             return
         log.info("association from %s released: %d series complete in %.1f s (ingest.complete_on_release)",
                  calling, n, grace, extra={"series": complete})
@@ -269,8 +267,9 @@ class Ingest:
             for (study_uid, series_uid), count in received.items():
                 self.db.audit(f"{r.ae_title}@{r.address}", "received", series_uid, study_uid=study_uid,
                               instances=count, association=how)
-        except Exception:  # noqa: BLE001 - the audit must not break the association's end
-            log.exception("could not write the audit record of an association from %s", r.ae_title)
+        except Exception as exc:  # noqa: BLE001 - the audit must not break the association's end
+            log.error("could not write the audit record of an association from %s: %s", r.ae_title,
+                      first_line(exc))
 
     def _on_store(self, event: evt.Event) -> int:
         """Store one instance; always answers, never raises into pynetdicom."""
@@ -314,7 +313,7 @@ class Ingest:
         try:
             size = self.store.write_atomic(path, (meta, stream.getbuffer()))
         except OSError as exc:          # ENOSPC, EIO, EDQUOT, ...: the temporary file is gone
-            return self._refuse(OUT_OF_RESOURCES, "%s from %s: cannot write the file: %s", sop_uid, calling,
+            return self._refuse(OUT_OF_RESOURCES, "%s from %s: cannot write the file: %s", sop_uid[:80], calling,
                                 exc.strerror or exc)
         try:
             replaced = self.db.record_instance(InstanceRecord(
@@ -328,8 +327,8 @@ class Ingest:
         except SQLAlchemyError as exc:  # the database is full, locked for too long or away
             if not existed:
                 self.store.remove([str(path)])   # no row names it; the sender will send it again
-            return self._refuse(OUT_OF_RESOURCES, "%s from %s: the database did not take the row: %s", sop_uid,
-                                calling, _first_line(exc))
+            return self._refuse(OUT_OF_RESOURCES, "%s from %s: the database did not take the row: %s",
+                                sop_uid[:80], calling, first_line(exc))
         if replaced:
             self.store.remove([replaced])        # the same SOP Instance UID, re-sent in another series
             log.warning("%s from %s replaces the instance of the same SOP Instance UID in another series",
@@ -344,10 +343,6 @@ class Ingest:
         log.debug("stored %s (%d bytes) from %s", sop_uid, size, calling)
         return SUCCESS
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc)
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def serve_ingest_only(config: Config) -> None:

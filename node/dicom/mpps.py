@@ -13,6 +13,7 @@ import logging
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
+from node.errors import first_line
 from node.storage.db import Database
 from node.storage.files import valid_uid
 
@@ -46,7 +47,7 @@ class MppsService:
             study = attrs.get("ScheduledStepAttributesSequence")
             study_uid = str(study[0].get("StudyInstanceUID", "")) if study else ""
         except Exception as exc:  # noqa: BLE001 - a peer's data set: any failure to read is its fault
-            log.warning("MPPS N-CREATE %s from %s refused: %s", uid, calling, _first_line(exc))
+            log.warning("MPPS N-CREATE %s from %s refused: %s", uid, calling, first_line(exc))
             return PROCESSING_FAILURE, None
         if status != "IN PROGRESS":
             log.warning("MPPS N-CREATE %s from %s refused: status %r, must be IN PROGRESS", uid, calling, status)
@@ -68,7 +69,7 @@ class MppsService:
             status = str(mods.get("PerformedProcedureStepStatus", "") or "").strip().upper() or None
             references = _mpps_references(mods) if "PerformedSeriesSequence" in mods else None
         except Exception as exc:  # noqa: BLE001
-            log.warning("MPPS N-SET %s from %s refused: %s", uid, calling, _first_line(exc))
+            log.warning("MPPS N-SET %s from %s refused: %s", uid, calling, first_line(exc))
             return PROCESSING_FAILURE, None
         if status not in (None, "IN PROGRESS", "COMPLETED", "DISCONTINUED"):
             log.warning("MPPS N-SET %s from %s refused: status %r", uid, calling, status)
@@ -107,13 +108,9 @@ def _mpps_references(attrs: Dataset) -> dict[str, list[str]]:
                 sop = str(ref.get("ReferencedSOPInstanceUID", "") or "")
                 if not valid_uid(sop):
                     raise ValueError(f"{keyword}: Referenced SOP Instance UID {sop[:80]!r} invalid")
-                sops.append(sop)
                 total += 1
-        if total > MAX_MPPS_INSTANCES:
-            raise ValueError(f"more than {MAX_MPPS_INSTANCES} referenced instances")
+                if total > MAX_MPPS_INSTANCES:
+                    raise ValueError(f"more than {MAX_MPPS_INSTANCES} referenced instances")
+                sops.append(sop)
     return out
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc)
-    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -48,6 +48,9 @@ UNLIMITED_PDU_CAP = 64 * 1024 * 1024
 #: A-ABORT from the service provider (source 2), reason "invalid PDU parameter value" (6).
 _ABORT_INVALID_PDU = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6])
 _PDU_TYPES = range(0x01, 0x08)
+#: How long one read or write on an accepted connection may wait: the granularity at which
+#: the deadlines are enforced (and a peer that stops reading its responses is dropped).
+TICK_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -132,16 +135,14 @@ class FastSocket(AssociationSocket):
         buf = bytearray(nr_bytes)
         view = memoryview(buf)
         got = 0
-        saved_timeout = sock.gettimeout()
         try:
             while got < nr_bytes:
-                if limits is not None:
-                    left = self._pdu_deadline - time.monotonic()
-                    if left <= 0:
-                        raise self._fail("PDU not received in time (A-ASSOCIATE-RQ within "
-                                         f"{limits.association_timeout_s:g} s, others within "
-                                         f"{limits.network_timeout_s:g} s)")
-                    sock.settimeout(left)
+                # An accepted socket waits at most TICK_S per recv (set once, in the request
+                # handler), so the PDU's deadline is checked however the bytes trickle in.
+                if limits is not None and time.monotonic() > self._pdu_deadline:
+                    raise self._fail("PDU not received in time (A-ASSOCIATE-RQ within "
+                                     f"{limits.association_timeout_s:g} s, others within "
+                                     f"{limits.network_timeout_s:g} s)")
                 if _QUICKACK is not None:
                     try:
                         sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
@@ -150,6 +151,8 @@ class FastSocket(AssociationSocket):
                 try:
                     n = sock.recv_into(view[got:], nr_bytes - got)
                 except (socket.timeout, TimeoutError):
+                    if limits is None:
+                        raise
                     continue                  # the deadline check above decides
                 except OSError as exc:
                     if limits is not None:
@@ -159,17 +162,12 @@ class FastSocket(AssociationSocket):
                     self._ended_before_request()
                     return buf[:got]
                 got += n
-                if limits is not None and nr_bytes == 6 and got >= 1 and buf[0] not in _PDU_TYPES:
+                if limits is not None and nr_bytes == 6 and buf[0] not in _PDU_TYPES:
                     self._fail(f"not DICOM (first bytes {bytes(buf[:got])[:6]!r})")
             if limits is not None and nr_bytes != 6 and not established:
                 self._got_request = True
         finally:
             del view
-            if limits is not None:
-                try:
-                    sock.settimeout(saved_timeout)
-                except OSError:
-                    pass
         return buf
 
 
@@ -200,6 +198,8 @@ class FastRequestHandler(RequestHandler):
         if isinstance(sock, FastSocket):
             sock.limits = getattr(self.server, "peer_limits", None)
             sock.connected_at = time.monotonic()
+            if sock.limits is not None and sock.socket is not None:
+                sock.socket.settimeout(TICK_S)
             assoc.dul._decode_pdu = _logged_decode(assoc.dul._decode_pdu, sock)  # type: ignore[method-assign]
         return assoc
 

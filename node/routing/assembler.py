@@ -42,6 +42,7 @@ class Assembler(Stage):
         self.config = config
         self.wake_jobs = wake_jobs
         self.wake_deliveries = wake_deliveries
+        self._mpps_seen: dict[int, float | None] = {}      # MPPS id -> its series' last arrival, when looked at
 
     def run_loop(self) -> None:
         while not self.stop_event.wait(min(EVIDENCE_POLL_S, max(0.1, self.config().ingest.series_timeout_s / 5))):
@@ -62,8 +63,14 @@ class Assembler(Stage):
                 continue
             if now - mpps["updated_at"] > MPPS_WAIT_S:
                 self.db.mpps_decided(mpps["id"], True, f"gave up after {MPPS_WAIT_S / 3600:.0f} h: {mpps['waiting']}")
+                self._mpps_seen.pop(mpps["id"], None)
                 continue
             refs: dict[str, list[str]] = mpps["references"]
+            # A waiting MPPS is looked at again only when its series received something since.
+            latest = self.db.series_last_received(refs)
+            if mpps["waiting"] and self._mpps_seen.get(mpps["id"]) == latest:
+                continue
+            self._mpps_seen[mpps["id"]] = latest
             present = self.db.instances_present(uid for uids in refs.values() for uid in uids)
             if mpps["status"] == "DISCONTINUED":      # what arrived is processed now
                 ready = [series for series, uids in refs.items() if set(uids) & present]
@@ -75,6 +82,8 @@ class Assembler(Stage):
                 marked += self.db.set_evidence(ready, "mpps", now)
             waiting = "; ".join(f"{n} referenced instances of series {s} missing" for s, n in sorted(missing.items()))
             self.db.mpps_decided(mpps["id"], not missing, waiting)
+            if not missing:
+                self._mpps_seen.pop(mpps["id"], None)
             if ready:
                 log.info("MPPS %s %s: %d series complete by its evidence", mpps["uid"], mpps["status"], len(ready))
             if missing and waiting != mpps["waiting"]:

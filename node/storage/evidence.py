@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from node.storage.schema import Instance, Mpps, Series, SeriesStatus
@@ -70,6 +70,13 @@ class EvidenceQueries:
                 found.update(conn.execute(select(Instance.sop_instance_uid).where(
                     Instance.sop_instance_uid.in_(uids[k:k + 500]))).scalars())
         return found
+
+    def series_last_received(self, series_uids: Iterable[str]) -> float | None:
+        """When the newest instance of these series arrived (None: none has)."""
+        uids = list(series_uids)
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.max(Series.last_received_at)).where(
+                Series.series_uid.in_(uids))).scalar()
 
     def set_evidence(self, series_uids: Iterable[str], evidence: str, at: float) -> int:
         """Series still receiving are complete at ``at`` by ``evidence`` (unless an instance

@@ -70,8 +70,7 @@ class FileStore:
         size = 0
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-            with open(fd, "wb", closefd=True) as fh:
-                os.fchmod(fd, FILE_MODE)               # whatever the umask took away or left
+            with open(fd, "wb", closefd=True) as fh:   # 0640 at most: a umask only takes bits away
                 for chunk in chunks:
                     fh.write(chunk)
                     size += len(chunk)

@@ -75,19 +75,20 @@ def job_page(job_id: int, request: Request) -> Response:
 
 @router.post("/jobs/{job_id}/retry")
 def job_retry_form(job_id: int, request: Request) -> Response:
-    who = _page_auth(request, "operator")
-    if isinstance(who, Response):
-        return who
-    retry_job(request.app.state.ctx.node, job_id, who)
-    return RedirectResponse(request.headers.get("referer") or "/", status_code=303)
+    return _operator_form(request, lambda node, who: retry_job(node, job_id, who))
 
 
 @router.post("/notifications/{notification_id}/retry")
 def notification_retry_form(notification_id: int, request: Request) -> Response:
+    return _operator_form(request, lambda node, who: retry_notification(node, notification_id, who))
+
+
+def _operator_form(request: Request, action: Any) -> Response:
+    """A Retry button: the operator's action, then back to the page it was pressed on."""
     who = _page_auth(request, "operator")
     if isinstance(who, Response):
         return who
-    retry_notification(request.app.state.ctx.node, notification_id, who)
+    action(request.app.state.ctx.node, who)
     return RedirectResponse(request.headers.get("referer") or "/", status_code=303)
 
 
