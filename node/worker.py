@@ -345,7 +345,7 @@ class Node:
             if self._client_tls is None and any(d.tls for d in effective.destinations):
                 self._client_tls = client_context(effective.tls)
             self._state = NodeState(effective, models, stamps)
-            self.ingest.config = effective
+            self.ingest.config = self.ingest.intake.config = effective
             self._write_status()                 # the models and providers now in use
             self.metrics.models_loaded({name: rt.describe() for name, rt in models.items()})
         self._check_webhook(effective)

@@ -93,6 +93,7 @@ class HttpSection:
     host: str = "127.0.0.1"          # loopback by default; another address needs tokens_file
     port: int = 8080
     tokens_file: str = ""            # lines "<role> [<name>] <token>"
+    max_upload_mb: int = 4096        # the largest STOW-RS request body
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,22 @@ class RetentionSection:
 
 @dataclass(frozen=True)
 class Destination:
+    """Where results and forwards go: a DICOM peer (C-STORE), or a DICOMweb server (STOW-RS
+    to ``url`` + ``studies``, with the bearer token of ``token_file``, and ``ca_file`` to
+    verify an https server's certificate; ``ae_title`` optional, for ``@origin``)."""
+
     name: str
     ae_title: str
-    host: str
-    port: int
+    host: str = ""
+    port: int = 0
     tls: bool = False
+    type: str = "dimse"                   # dimse | dicomweb
+    url: str = ""
+    token_file: str = ""
+    ca_file: str = ""
+
+    def describe(self) -> str:
+        return self.url if self.type == "dicomweb" else f"{self.ae_title}@{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -296,7 +308,8 @@ def parse_config(data: dict[str, Any]) -> Config:
 
     h = top.table("http")
     http = HttpSection(enabled=h.get("enabled", bool, True), host=h.get("host", str, "127.0.0.1"),
-                       port=_port(h.get("port", int, 8080), "http.port"), tokens_file=h.get("tokens_file", str, ""))
+                       port=_port(h.get("port", int, 8080), "http.port"), tokens_file=h.get("tokens_file", str, ""),
+                       max_upload_mb=h.positive("max_upload_mb", int, 4096))
     h.done()
     if http.enabled and not http.tokens_file and not is_loopback(http.host):
         raise ConfigError(f"http.host: {http.host!r} is not a loopback address; set http.tokens_file "
@@ -318,12 +331,7 @@ def parse_config(data: dict[str, Any]) -> Config:
 
     destinations = []
     for t in top.tables("destinations"):
-        destinations.append(Destination(
-            name=t.require("name", str),
-            ae_title=_ae_title(t.require("ae_title", str), f"{t.where}.ae_title"),
-            host=t.require("host", str),
-            port=_port(t.require("port", int), f"{t.where}.port"),
-            tls=t.get("tls", bool, False)))
+        destinations.append(_destination(t))
         t.done()
     names = [x.name for x in destinations]
     for name in names:
@@ -453,6 +461,24 @@ def _check_notify(notify: NotifySection) -> None:
         if f not in LINK_FIELDS:
             raise ConfigError(f"notify.link_template: unknown placeholder {{{f}}} "
                               f"(known: {', '.join('{' + x + '}' for x in LINK_FIELDS)})")
+
+
+def _destination(t: Table) -> Destination:
+    kind = t.get("type", str, "dimse")
+    if kind == "dicomweb":
+        url = t.require("url", str).strip()
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ConfigError(f"{t.where}.url: {url!r} is not an http:// or https:// URL")
+        aet = t.get("ae_title", str, "")
+        return Destination(name=t.require("name", str), ae_title=_ae_title(aet, f"{t.where}.ae_title") if aet else "",
+                           type=kind, url=url if url.endswith("/") else url + "/",
+                           token_file=t.get("token_file", str, ""), ca_file=t.get("ca_file", str, ""))
+    if kind != "dimse":
+        raise ConfigError(f"{t.where}.type: {kind!r} is not dimse or dicomweb")
+    return Destination(name=t.require("name", str),
+                       ae_title=_ae_title(t.require("ae_title", str), f"{t.where}.ae_title"),
+                       host=t.require("host", str), port=_port(t.require("port", int), f"{t.where}.port"),
+                       tls=t.get("tls", bool, False))
 
 
 def _ae_title(value: str, where: str) -> str:

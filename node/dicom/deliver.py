@@ -110,7 +110,7 @@ def _headers(paths: Iterable[Path]) -> "OrderedDict[Path, tuple[str, str]]":
     out: OrderedDict[Path, tuple[str, str]] = OrderedDict()
     for path in paths:
         ds = dcmread(path, defer_size=1024)     # large values are not read, only their place
-        _check_complete(path, ds)
+        check_complete(path, ds)
         ts = str(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
         sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", ""))
         if not sop_class:
@@ -123,7 +123,7 @@ _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
-def _check_complete(path: Path, ds: Dataset) -> None:
+def check_complete(path: Path, ds: Dataset) -> None:
     """pydicom reads a cut file without a word; DCMTK refuses it. Refuse it too, before a
     peer is sent half an instance."""
     if not len(ds):

@@ -1,5 +1,5 @@
 """The delivery stage: claims due deliveries (results and forwards, most urgent first) and
-C-STOREs them, with backoff; a failed attempt holds the destination's other deliveries until
+sends them (C-STORE, or STOW-RS to a DICOMweb destination), with backoff; a failed attempt holds the destination's other deliveries until
 its retry, so a dead PACS is not hammered once per result.
 """
 
@@ -14,6 +14,7 @@ from typing import Callable
 
 from node.config.schema import ORIGIN, Config, Destination
 from node.dicom.deliver import Peer, send_files
+from node.dicom.stow_client import stow_files
 from node.errors import ConfigError, NodeError
 from node.metrics import Metrics
 from node.stage import ClaimStage, backoff
@@ -55,10 +56,13 @@ class Dispatcher(ClaimStage[DeliveryRow]):
             return
         files = (self.db.job_results(delivery.job_id) if delivery.job_id is not None
                  else self.db.series_paths(delivery.series_id))
-        peer = Peer(dest.ae_title, dest.host, dest.port, self.client_tls() if dest.tls else None)
         t = time.perf_counter()
         try:
-            report = send_files([Path(f) for f in files], peer, config.node.ae_title, cfg.timeout_s)
+            if dest.type == "dicomweb":
+                report = stow_files([Path(f) for f in files], dest, cfg.timeout_s)
+            else:
+                peer = Peer(dest.ae_title, dest.host, dest.port, self.client_tls() if dest.tls else None)
+                report = send_files([Path(f) for f in files], peer, config.node.ae_title, cfg.timeout_s)
             error = "; ".join(f"{Path(f).name}: {why}" for f, why in report.failed[:5])
         except NodeError as exc:
             error = str(exc)
@@ -70,7 +74,7 @@ class Dispatcher(ClaimStage[DeliveryRow]):
         if not error:
             self.db.finish_delivery(delivery.id)
             self.db.audit("node", "delivered", f"delivery {delivery.id}", kind=delivery.kind,
-                          job_id=delivery.job_id, destination=str(peer), files=len(files))
+                          job_id=delivery.job_id, destination=dest.describe(), files=len(files))
             log.info("%s: %d files sent in %.2f s", where, len(files), time.perf_counter() - t,
                      extra={"delivery_id": delivery.id})
             return

@@ -14,20 +14,12 @@ import signal
 import socketserver
 import threading
 import time
-from dataclasses import dataclass
-from io import BytesIO
 from typing import Any
 
 import pydicom
-from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
-from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
-                         ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
-                         JPEGExtended12Bit, JPEGLosslessSV1, JPEGLossless, JPEGLSLossless,
-                         JPEGLSNearLossless, RLELossless, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K)
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom import _config as pynetdicom_config
-from pynetdicom.dsutils import decode, encode_file_meta
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import ModalityPerformedProcedureStep, Verification
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
@@ -36,8 +28,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.config.schema import Config
 from node.errors import NodeError, first_line
 from node.metrics import Metrics
-from node.storage.db import Database, InstanceRecord
-from node.storage.files import FileStore, valid_uid
+from node.storage.db import Database
+from node.storage.files import FileStore
+from node.dicom.intake import (CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS,  # noqa: F401 - re-exported
+                               OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS, TRANSFER_SYNTAXES, Header, Intake,
+                               Refused, Sender, read_header)
 from node.dicom.tls import server_context
 from node.dicom.mpps import MppsService
 from node.dicom.server import ListenerServer
@@ -45,33 +40,10 @@ from node.dicom.transport import FastRequestHandler, FastSocket, PeerLimits, qui
 
 log = logging.getLogger("node.dicom.listener")
 
-# C-STORE response statuses (PS3.4 B.2.3, PS3.7 C.4.2.1.4)
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-PROCESSING_FAILURE = 0x0110
 # A-ASSOCIATE-RJ (PS3.8 9.3.4)
 REJECTED_PERMANENT = 0x01
 SOURCE_SERVICE_USER = 0x01
 NO_REASON_GIVEN = 0x01
-
-#: Transfer syntaxes accepted for storage, preferred first.
-TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
-    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
-    JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K, RLELossless,
-]
-
-_HEADER_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality", "PatientID",
-                "AccessionNumber", "SeriesDescription")
-
-
-@dataclass
-class IngestStats:
-    stored: int = 0
-    refused: int = 0
-    bytes: int = 0
 
 
 #: The longest UID a peer's command set may carry before the association is aborted; longer
@@ -98,7 +70,7 @@ class Ingest:
         self.db = db
         self.metrics = metrics or Metrics()
         self.mpps = MppsService(db)
-        self.stats = IngestStats()
+        self.intake = Intake(config, store, db, self.metrics)
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
         self._received: dict[int, dict[tuple[str, str], int]] = {}   # association -> series -> count
@@ -282,67 +254,24 @@ class Ingest:
             log.error("C-STORE of %s from %s failed unexpectedly: %s: %s (traceback at DEBUG)", sop_uid[:80],
                       calling, type(exc).__name__, exc)
             log.debug("C-STORE failure", exc_info=True)
-            with self._lock:
-                self.stats.refused += 1
+            self.intake.refuse(Refused(PROCESSING_FAILURE, "unexpected failure"), sop_uid,
+                               Sender(calling, "", ""))
             return PROCESSING_FAILURE
-
-    def _refuse(self, status: int, message: str, *args: Any) -> int:
-        log.warning("refused 0x%04X: " + message, status, *args)
-        with self._lock:
-            self.stats.refused += 1
-        self.metrics.refused_with(status)
-        return status
 
     def _store(self, event: evt.Event, sop_uid: str, calling: str) -> int:
         request = event.request
-        stream: BytesIO = request.DataSet
         meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-        size = len(meta) + stream.getbuffer().nbytes
-        floor = self.config.ingest.min_free_disk_mb
-        if floor and self.store.free_mb() - size / 1048576 < floor:
-            return self._refuse(OUT_OF_RESOURCES, "%s from %s: free disk below min_free_disk_mb=%d with the %d "
-                                "bytes of this instance", sop_uid[:80], calling, floor, size)
+        sender = Sender(calling, event.assoc.acceptor.ae_title, str(event.assoc.requestor.address or ""))
         try:
-            header = read_header(stream, event.context.transfer_syntax, sop_uid,
-                                 str(request.AffectedSOPClassUID or ""))
+            accepted = self.intake.accept_dataset(meta, request.DataSet, str(event.context.transfer_syntax),
+                                                  sop_uid, str(request.AffectedSOPClassUID or ""), sender)
         except Refused as exc:
-            return self._refuse(exc.status, "%s from %s: %s", sop_uid[:80] or "?", calling, exc)
-
-        path = self.store.image_path(header.study_uid, header.series_uid, sop_uid)
-        existed = path.exists()
-        try:
-            size = self.store.write_atomic(path, (meta, stream.getbuffer()))
-        except OSError as exc:          # ENOSPC, EIO, EDQUOT, ...: the temporary file is gone
-            return self._refuse(OUT_OF_RESOURCES, "%s from %s: cannot write the file: %s", sop_uid[:80], calling,
-                                exc.strerror or exc)
-        try:
-            replaced = self.db.record_instance(InstanceRecord(
-                study_uid=header.study_uid, series_uid=header.series_uid, sop_instance_uid=sop_uid,
-                sop_class_uid=str(request.AffectedSOPClassUID),
-                transfer_syntax=str(event.context.transfer_syntax), path=str(path), size=size,
-                modality=header.modality, patient_id=header.patient_id, accession=header.accession,
-                series_description=header.series_description, calling_aet=calling,
-                called_aet=event.assoc.acceptor.ae_title,
-                caller_address=str(event.assoc.requestor.address or "")[:64]))
-        except SQLAlchemyError as exc:  # the database is full, locked for too long or away
-            if not existed:
-                self.store.remove([str(path)])   # no row names it; the sender will send it again
-            return self._refuse(OUT_OF_RESOURCES, "%s from %s: the database did not take the row: %s",
-                                sop_uid[:80], calling, first_line(exc))
-        if replaced:
-            self.store.remove([replaced])        # the same SOP Instance UID, re-sent in another series
-            log.warning("%s from %s replaces the instance of the same SOP Instance UID in another series",
-                        sop_uid, calling)
+            return self.intake.refuse(exc, sop_uid, sender)
         with self._lock:
-            self.stats.stored += 1
-            self.stats.bytes += size
             per_series = self._received.setdefault(id(event.assoc), {})
-            key = (header.study_uid, header.series_uid)
+            key = (accepted.header.study_uid, accepted.header.series_uid)
             per_series[key] = per_series.get(key, 0) + 1
-        self.metrics.stored(calling, size)
-        log.debug("stored %s (%d bytes) from %s", sop_uid, size, calling)
         return SUCCESS
-
 
 
 def serve_ingest_only(config: Config) -> None:
@@ -360,89 +289,3 @@ def serve_ingest_only(config: Config) -> None:
     stop.wait()
     ingest.stop()
     db.close()
-
-
-class Refused(Exception):
-    """An instance that cannot be stored; ``status`` is the C-STORE status to answer."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-
-
-@dataclass(frozen=True)
-class Header:
-    """What ingest needs from a received data set (nothing is decoded beyond these)."""
-
-    study_uid: str
-    series_uid: str
-    modality: str = ""
-    patient_id: str = ""
-    accession: str = ""
-    series_description: str = ""
-
-
-def read_header(stream: BytesIO, transfer_syntax: str, sop_uid: str, sop_class_uid: str) -> Header:
-    """Read and check the header of a received data set.
-
-    Raises:
-        Refused: with the status to answer: the data set cannot be decoded, a UID is missing
-            or invalid (a path is built from them), or it contradicts the request.
-    """
-    ts = UID(transfer_syntax)
-    if not ts.is_deflated:
-        _check_vr_encoding(stream.getbuffer()[:6].tobytes(), ts)
-    stream.seek(0)
-    try:
-        ds = decode(stream, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
-        values = {k: _text(ds, k) for k in _HEADER_KEYS + ("SOPClassUID",)}
-    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any failure to parse is a refusal
-        # (seen: ValueError, EOFError, struct.error, zlib.error, KeyError, UnicodeError, ...)
-        raise Refused(CANNOT_UNDERSTAND, f"data set cannot be decoded: {type(exc).__name__}: {exc}") from None
-    finally:
-        stream.seek(0)
-    for name, uid in (("AffectedSOPInstanceUID", sop_uid), ("StudyInstanceUID", values["StudyInstanceUID"]),
-                      ("SeriesInstanceUID", values["SeriesInstanceUID"])):
-        if not valid_uid(uid):
-            raise Refused(CANNOT_UNDERSTAND, f"{name} {uid[:80]!r} is missing or not a valid UID")
-    if values["SOPInstanceUID"] != sop_uid:
-        raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                      f"SOPInstanceUID in the data set ({values['SOPInstanceUID'][:80]!r}) differs from the request")
-    if sop_class_uid and values["SOPClassUID"] and values["SOPClassUID"] != sop_class_uid:
-        raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                      f"SOPClassUID in the data set ({values['SOPClassUID'][:80]!r}) differs from the request")
-    return Header(study_uid=values["StudyInstanceUID"], series_uid=values["SeriesInstanceUID"],
-                  modality=values["Modality"][:16], patient_id=values["PatientID"][:64],
-                  accession=values["AccessionNumber"][:16], series_description=values["SeriesDescription"][:64])
-
-
-_VRS = frozenset(vr.encode() for vr in (
-    "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF", "OL", "OV",
-    "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US", "UT", "UV"))
-
-
-def _check_vr_encoding(head: bytes, ts: UID) -> None:
-    """Refuse a data set whose first element is not encoded as the transfer syntax says.
-
-    pydicom reads either encoding whatever it is told, but the stored file's meta information
-    would then name the wrong transfer syntax and other readers (DCMTK) could not read it.
-    """
-    if len(head) < 6:
-        return                                    # too short to tell; decoding decides
-    explicit = head[4:6] in _VRS
-    if ts.is_implicit_VR and explicit:
-        raise Refused(CANNOT_UNDERSTAND, f"data set is encoded in explicit VR, but the presentation "
-                                         f"context's transfer syntax is {ts.name}")
-    if not ts.is_implicit_VR and not explicit:
-        raise Refused(CANNOT_UNDERSTAND, f"data set is encoded in implicit VR, but the presentation "
-                                         f"context's transfer syntax is {ts.name}")
-
-
-def _text(ds: Dataset, keyword: str) -> str:
-    """A header value as stripped text ('' when absent); multi-values joined by a backslash."""
-    value = ds.get(keyword)
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple, MultiValue)):
-        return "\\".join(str(v) for v in value).strip()
-    return str(value).strip()

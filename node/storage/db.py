@@ -37,6 +37,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from node.storage.catalogue import CatalogueQueries
 from node.storage.evidence import EvidenceQueries
 from node.storage.queue import QueueQueries
 from node.storage.reports import ReportQueries
@@ -72,7 +73,7 @@ def _private_sqlite_file(name: str | None) -> None:
     os.chmod(name, 0o600)
 
 
-class Database(QueueQueries, EvidenceQueries, ReportQueries):
+class Database(QueueQueries, EvidenceQueries, ReportQueries, CatalogueQueries):
     """The node's queue and catalogue over any SQLAlchemy URL (SQLite in WAL mode by default).
 
     This module holds the engine, ingest, assembly, study routes, retention and the audit;
@@ -123,6 +124,7 @@ class Database(QueueQueries, EvidenceQueries, ReportQueries):
             if study_id is None:
                 conn.execute(self._insert(Study).values(
                     study_uid=rec.study_uid, patient_id=rec.patient_id, accession=rec.accession,
+                    patient_name=rec.patient_name, study_date=rec.study_date, description=rec.study_description,
                     received_at=now).on_conflict_do_nothing())
                 study_id = conn.execute(select(Study.id).where(Study.study_uid == rec.study_uid)).scalar_one()
             series_id = self._series_ids.get(rec.series_uid)

@@ -19,6 +19,7 @@ import shutil
 import threading
 from glob import escape as glob_escape
 from pathlib import Path
+from typing import BinaryIO
 
 from node.errors import NodeError
 
@@ -59,14 +60,42 @@ class FileStore:
     def result_dir(self, job_id: int) -> Path:
         return self.results / f"job-{int(job_id)}"
 
+    def part_path(self) -> Path:
+        """A new temporary file name under ``tmp`` (named by this node: removed at its start)."""
+        with self._lock:
+            self._counter += 1
+            return self.tmp / f"{self.owner}.{os.getpid()}-{threading.get_ident()}-{self._counter}.part"
+
+    def open_part(self) -> tuple[Path, BinaryIO]:
+        """Create a new temporary file (0640) for writing; the caller commits or removes it."""
+        path = self.part_path()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        return path, open(fd, "wb", closefd=True)
+
+    def commit_file(self, part: Path, path: Path) -> int:
+        """Make a complete temporary file (from :meth:`open_part`, closed) durable at ``path``:
+        fsync, rename, fsync of the folder; returns its size."""
+        folder = path.parent
+        if folder not in self._made:
+            self._make_folders(folder)
+        if self.fsync:
+            fd = os.open(part, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        size = part.stat().st_size
+        os.replace(part, path)
+        if self.fsync:
+            fsync_folder(folder)
+        return size
+
     def write_atomic(self, path: Path, chunks: list[bytes] | tuple[bytes, ...]) -> int:
         """Write ``chunks`` to ``path`` via a temporary file and a rename; returns the size."""
         folder = path.parent
         if folder not in self._made:
             self._make_folders(folder)
-        with self._lock:
-            self._counter += 1
-            tmp = self.tmp / f"{self.owner}.{os.getpid()}-{threading.get_ident()}-{self._counter}.part"
+        tmp = self.part_path()
         size = 0
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)

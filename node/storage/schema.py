@@ -54,6 +54,10 @@ class Study(Base):
     study_uid: Mapped[str] = mapped_column(String(64), unique=True)
     patient_id: Mapped[str] = mapped_column(String(64), default="")
     accession: Mapped[str] = mapped_column(String(16), default="")
+    # for QIDO-RS searches (the first instance's values)
+    patient_name: Mapped[str] = mapped_column(String(64), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="", index=True)
+    description: Mapped[str] = mapped_column(String(64), default="")
     received_at: Mapped[float] = mapped_column(Float)
     # when study-level routes should look at the study again (None: nothing to do)
     study_check_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
@@ -206,6 +210,9 @@ class InstanceRecord:
     calling_aet: str = ""
     called_aet: str = ""
     caller_address: str = ""
+    patient_name: str = ""
+    study_date: str = ""
+    study_description: str = ""
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,13 @@ from prometheus_client.registry import Collector
 from node import __version__
 from node.config.schema import PRIORITY_NAMES, HttpSection, is_loopback
 from node.errors import ConfigError, NodeError
-from node.web import api, pages
+from node.web import api, dicomweb, pages, stow
 from node.web.api import readiness
 from node.web.auth import Tokens
 
 log = logging.getLogger(__name__)
+#: Connections the HTTP face serves at once; more are answered 503 at once.
+MAX_CONNECTIONS = 64
 
 @dataclass
 class WebContext:
@@ -47,6 +49,8 @@ def create_app(ctx: WebContext) -> FastAPI:
     app.state.ctx = ctx
     app.include_router(api.router)
     app.include_router(pages.router)
+    app.include_router(stow.router)
+    app.include_router(dicomweb.router)
     ctx.node.metrics.registry.register(QueueCollector(ctx.node.db))
 
     @app.middleware("http")
@@ -107,7 +111,8 @@ class WebServer:
                               "(without tokens the HTTP face serves loopback only)")
         self.section = section
         config = uvicorn.Config(create_app(ctx), host=section.host, port=section.port, log_level="warning",
-                                access_log=False, lifespan="off", server_header=False, log_config=None)
+                                access_log=False, lifespan="off", server_header=False, log_config=None,
+                                limit_concurrency=MAX_CONNECTIONS)
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
