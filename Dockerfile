@@ -20,7 +20,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/ainode/venv/bin:$PATH
 
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates dcmtk \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/ainode/venv \
  && pip install --upgrade pip

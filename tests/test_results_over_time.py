@@ -16,6 +16,8 @@ from conftest import free_port
 from node.synthetic.ct import make_ct_series
 from nodeproc import wait_for, REPO, NodeProcess, write_config
 
+VALIDATOR = REPO / "tests" / "tools" / "validate_dicom.sh"
+
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 
@@ -87,7 +89,7 @@ def test_late_slices_give_new_results_that_a_default_orthanc_keeps(dcmtk, orthan
         for ds in segs + srs:
             path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
             ds.save_as(path)
-            subprocess.run(["bash", str(REPO / "tests" / "tools" / "validate_dicom.sh"), str(path)],
+            subprocess.run(["bash", str(VALIDATOR), str(path)],
                            check=True, capture_output=True)
     finally:
         node.stop()
@@ -131,7 +133,7 @@ def test_unresolved_origin_is_a_visible_failed_delivery(dcmtk, models_dir, tmp_p
 
 
 @pytest.mark.parametrize("body_part", ["CHEST"])
-def test_the_seg_carries_the_source_body_part(dcmtk, models_dir, tmp_path, body_part):
+def test_the_results_carry_the_source_body_part_and_procedure(dcmtk, models_dir, tmp_path, body_part):
     from node.demo import DemoPacs
 
     pacs = DemoPacs("PACS")
@@ -142,11 +144,23 @@ def test_the_seg_carries_the_source_body_part(dcmtk, models_dir, tmp_path, body_
         for path in phantom.files:
             ds = pydicom.dcmread(path)
             ds.BodyPartExamined = body_part
+            code = pydicom.Dataset()
+            code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "CTCHESTWO", "99HOSP", "CT chest w/o contrast"
+            ds.ProcedureCodeSequence = [code]
             ds.save_as(path)
         storescu(dcmtk, node, phantom.files)
         wait_for(lambda: len(pacs.received) == 2, "SEG and SR at the PACS")
         seg = next(ds for _, ds in pacs.received if ds.Modality == "SEG")
         assert seg.BodyPartExamined == body_part
+        sr = next(ds for _, ds in pacs.received if ds.Modality == "SR")
+        performed = [(c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning) for c in sr.PerformedProcedureCodeSequence]
+        assert performed == [("CTCHESTWO", "99HOSP", "CT chest w/o contrast")]    # as the hospital coded it
+        files = []
+        for k, (_, ds) in enumerate(pacs.received):
+            files.append(tmp_path / f"result-{k}.dcm")
+            ds.save_as(files[-1], enforce_file_format=True)
+        check = subprocess.run(["bash", str(VALIDATOR), *map(str, files)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
     finally:
         node.stop()
         pacs.stop()
@@ -190,7 +204,7 @@ def test_a_radiograph_series_of_several_images_classifies_each_image(dcmtk, tmp_
         sr = pacs.received[0][1]
         path = tmp_path / "sr.dcm"
         sr.save_as(path, enforce_file_format=True)
-        subprocess.run(["bash", str(REPO / "tests" / "tools" / "validate_dicom.sh"), str(path)], check=True,
+        subprocess.run(["bash", str(VALIDATOR), str(path)], check=True,
                        capture_output=True)
         import highdicom as hd
         report = hd.sr.srread(path)

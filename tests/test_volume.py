@@ -297,6 +297,22 @@ def test_reads_files_written_by_dcmtk_compression(tmp_path, series, truth):
     assert np.array_equal(load_series(out[::-1]).pixels, truth)
 
 
+def test_what_dcmtk_decodes_is_decoded(tmp_path, caplog):
+    """pydicom's JPEG-lossy.dcm (12-bit JPEG Extended, a non-standard SOS) is refused by every
+    pydicom decoder; DCMTK's dcmdjpeg decodes it, and so does the node, to the same values."""
+    from pydicom.data import get_testdata_file
+    source = Path(get_testdata_file("JPEG-lossy.dcm"))
+    tool = shutil.which("dcmdjpeg") or "/usr/bin/dcmdjpeg"
+    assert Path(tool).exists(), "DCMTK dcmdjpeg is not installed (apt-get install dcmtk)"
+    plain = tmp_path / "plain.dcm"
+    subprocess.run([tool, str(source), str(plain)], check=True, capture_output=True, timeout=60)
+    with caplog.at_level("INFO", logger="node.inference.volume"):
+        volume = load_series([source])
+    reference = pydicom.dcmread(plain).pixel_array.astype(np.float32)
+    assert np.array_equal(volume.pixels[0], reference)
+    assert "decoded by DCMTK's dcmdjpeg" in caplog.text
+
+
 def test_multiframe_without_positions(tmp_path, series):
     path = tmp_path / "cine.dcm"
     ds = pydicom.dcmread(series.files[0])

@@ -25,6 +25,8 @@ def setup_logging(level: str = "INFO") -> None:
     # pydicom logs each of its warnings and also raises it as a Python warning: the log copy
     # goes (below ERROR), the warning is shown once through logging.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
+    # Each pixel decoder that fails logs its traceback; the job's one line says why instead.
+    logging.getLogger("pydicom.pixels.decoders.base").setLevel(logging.CRITICAL)
     # A library warning (pydicom's about a header value, say) is said once, not once per
     # file or instance: pydicom both logs it and raises it as a Python warning.
     warnings.simplefilter("once")

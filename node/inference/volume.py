@@ -22,6 +22,10 @@ what a volume in mL needs, and :attr:`SeriesVolume.affine` uses the true step ve
 
 from __future__ import annotations
 
+import logging
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +35,12 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
-from pydicom.uid import JPEGLSLossless, JPEGLSNearLossless, RLELossless
+from pydicom.uid import (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
+                         JPEGLSNearLossless, RLELossless)
 
 from node.errors import InputError
+
+log = logging.getLogger(__name__)
 
 ORIENTATION_TOL = 1e-3
 DUPLICATE_TOL_MM = 0.01
@@ -44,6 +51,10 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # Decoder plugins measured several times faster than pydicom's default choice.
 _FAST_DECODERS = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls",
                   RLELossless: "pylibjpeg"}
+#: What DCMTK's dcmdjpeg decodes when pydicom's decoders cannot (it is in the Debian package dcmtk).
+DCMDJPEG = "dcmdjpeg"
+DCMTK_TIMEOUT_S = 120.0
+_DCMTK_JPEG = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1})
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,8 +202,7 @@ def _read(path: Path) -> list[_Slice]:
     try:
         stored = _stored_pixels(ds)
     except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder failure is the input's
-        raise InputError(f"{path.name}: pixel data cannot be decoded ({type(exc).__name__}: "
-                         f"{str(exc)[:200]})") from exc
+        stored = _decode_with_dcmtk(path, ds, exc)
     for keyword in _PIXEL_KEYWORDS:
         if keyword in ds:
             delattr(ds, keyword)
@@ -214,6 +224,38 @@ def _read(path: Path) -> list[_Slice]:
             _floats(measures, "PixelSpacing") if measures else None,
             *(_rescale(values) if values else _rescale(ds)), f"{path.name} frame {i + 1}"))
     return out
+
+
+def _decode_with_dcmtk(path: Path, ds: Dataset, failure: Exception) -> np.ndarray:
+    """The fallback for the JPEG process 1, 2/4 and 14 files that pydicom's decoders refuse
+    and DCMTK's (IJG 8/12/16-bit) decode, such as 12-bit JPEG Extended with a non-standard
+    SOS: DCMTK's ``dcmdjpeg`` writes the file uncompressed into a temporary folder.
+
+    Raises:
+        InputError: no fallback applies (another syntax, DCMTK not installed) or it failed too;
+            the message names pydicom's reason.
+    """
+    reason = f"pixel data cannot be decoded ({type(failure).__name__}: {str(failure)[:200]})"
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    tool = shutil.which(DCMDJPEG)
+    if ts not in _DCMTK_JPEG or tool is None:
+        raise InputError(f"{path.name}: {reason}") from failure
+    with tempfile.TemporaryDirectory(prefix="ainode-decode-") as tmp:
+        out = Path(tmp) / "plain.dcm"
+        try:
+            done = subprocess.run([tool, str(path), str(out)], capture_output=True, timeout=DCMTK_TIMEOUT_S,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise InputError(f"{path.name}: {reason}; DCMTK's dcmdjpeg did not finish in "
+                             f"{DCMTK_TIMEOUT_S:.0f} s") from failure
+        if done.returncode != 0 or not out.is_file():
+            raise InputError(f"{path.name}: {reason}; DCMTK's dcmdjpeg failed too: "
+                             f"{done.stderr.decode(errors='replace').strip()[:200]}") from failure
+        plain = pydicom.dcmread(out)
+        stored = _stored_pixels(plain)
+    log.info("%s: decoded by DCMTK's dcmdjpeg (pydicom's decoders refused it: %s)", path.name,
+             str(failure).splitlines()[-1][:160] if str(failure) else type(failure).__name__)
+    return stored
 
 
 def _stored_pixels(ds: Dataset) -> np.ndarray:

@@ -43,12 +43,26 @@ _PROCEDURES = {
     "PT": Code("44136-0", "LN", "PET unspecified body region"),
     "NM": Code("49118-3", "LN", "NM unspecified body region"),
 }
+_MAX_SOURCE_PROCEDURES = 4
 _PRIORITIES = {
     "stat": Code("49499008", "SCT", "Stat"),
     "urgent": Code("103391001", "SCT", "Urgent"),
     "routine": Code("50811001", "SCT", "Routine"),
 }
 _PRIORITY = Code("260870009", "SCT", "Priority")
+
+
+def source_procedures(source: pydicom.Dataset) -> list[hd.sr.CodedConcept]:
+    """The source's own coded procedure (``ProcedureCodeSequence``, as the hospital coded it),
+    for the SR's Performed Procedure Code Sequence; malformed items are left out."""
+    out: dict[tuple[str, str], hd.sr.CodedConcept] = {}
+    for item in list(source.get("ProcedureCodeSequence", []) or [])[:_MAX_SOURCE_PROCEDURES]:
+        value = str(item.get("CodeValue", "") or "").strip()
+        scheme = str(item.get("CodingSchemeDesignator", "") or "").strip()
+        meaning = str(item.get("CodeMeaning", "") or "").strip()
+        if 0 < len(value) <= 16 and 0 < len(scheme) <= 16 and 0 < len(meaning) <= 64:
+            out.setdefault((value, scheme), hd.sr.CodedConcept(value, scheme, meaning))
+    return list(out.values())
 
 
 def derive_uid(*parts: str) -> str:
@@ -308,7 +322,8 @@ def _report(sources: Sequence[pydicom.Dataset], results: Sequence[pydicom.Datase
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=False,
-        is_verified=False)
+        is_verified=False,
+        performed_procedure_codes=source_procedures(sources[0]) or None)
     sr.SeriesDescription = _series_description("SR", manifest)
     sr.ManufacturerModelName = _lo(algorithm.name)
     sr.SoftwareVersions = _software_versions(manifest)
