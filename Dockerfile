@@ -29,10 +29,11 @@ WORKDIR /opt/ainode/src
 COPY pyproject.toml README.md ./
 COPY node ./node
 
-# The package depends on the CPU "onnxruntime"; the [gpu] extra adds "onnxruntime-gpu".
+# The package depends on the CPU "onnxruntime"; the [gpu] extra adds "onnxruntime-gpu", the
+# [postgresql] extra the driver for a shared queue (several nodes, deploy/cluster).
 # Both install the same "onnxruntime" module, so removing one breaks the other's files:
 # install both, remove both, then put the GPU build back alone.
-RUN pip install ".[gpu]" "$ORT_GPU_SPEC" \
+RUN pip install ".[gpu,postgresql]" "$ORT_GPU_SPEC" \
  && ORT_GPU_VERSION=$(pip show onnxruntime-gpu | sed -n 's/^Version: //p') \
  && pip uninstall -y onnxruntime onnxruntime-gpu \
  && pip install --no-deps "onnxruntime-gpu==$ORT_GPU_VERSION" \

@@ -48,14 +48,14 @@ class Node:
         self.http = free_port()
         port = free_port()
         config = work / "web.toml"
-        config.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{self.data}"\n'
+        config.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{self.data}"\nname = "bench"\n'
                           f'[ingest]\nseries_timeout_s = 3600\nmin_free_disk_mb = 100\n'
                           f'[http]\nport = {self.http}\n')
         self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--log-level", "WARNING", "serve",
                                       "--config", str(config)], cwd=str(REPO), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         wait_port(port)
-        wait_file(self.data / "ainode.pid")
+        wait_file(self.data / "nodes" / "bench" / "ainode.pid")
         self.url = f"http://127.0.0.1:{self.http}/dicomweb"
 
     def stop(self) -> None:

@@ -104,7 +104,7 @@ def run_node(files, work: Path, parallel: int, fsync: bool, processes: int = 1,
     shutil.rmtree(data, ignore_errors=True)
     port = free_port()
     config = work / "bench.toml"
-    config.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data}"\n'
+    config.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data}"\nname = "bench"\n'
                       f'[ingest]\nseries_timeout_s = {timeout_s}\nmin_free_disk_mb = 100\nfsync = {str(fsync).lower()}\n'
                       f'processes = {processes}\n'
                       f'[http]\nenabled = {str(http).lower()}\nport = {free_port()}\n')
@@ -112,7 +112,7 @@ def run_node(files, work: Path, parallel: int, fsync: bool, processes: int = 1,
                              str(config)], cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_port(port)
-        wait_file(data / "ainode.pid")      # fully started (the HTTP face comes up after the listener)
+        wait_file(data / "nodes" / "bench" / "ainode.pid")      # fully started (the HTTP face comes up after the listener)
         seconds = send(files, "AINODE", port, parallel)
         if timeout_s < 60:                                    # load test: wait for assembly
             time.sleep(timeout_s + 2)

@@ -3,7 +3,7 @@
 Every background part of the node (assemble, infer, deliver, notify, retention) is a
 :class:`Stage`: :meth:`Stage.run_loop` does the work; :meth:`Stage.start` runs it on a thread
 that outlives any one bug (an unexpected exception is logged and the loop restarts after a
-second); :meth:`Stage.wake` makes it look for work now rather than at its next poll.
+second; a database that is away is one warning line, at most every 30 s, not a traceback); :meth:`Stage.wake` makes it look for work now rather than at its next poll.
 :class:`ClaimStage` is a stage that drains a queue: claim the next due item, process it,
 and sleep until the next one is due.
 """
@@ -16,7 +16,13 @@ import threading
 import time
 from typing import Any, Generic, TypeVar
 
+from sqlalchemy.exc import DBAPIError
+
+from node.errors import first_line
+
 log = logging.getLogger(__name__)
+#: How often a stage says again that the database is away.
+DATABASE_AWAY_LOG_S = 30.0
 
 #: The longest a stage sleeps without looking for work.
 IDLE_WAIT_S = 1.0
@@ -35,6 +41,7 @@ class Stage:
         self.stop_event = stop
         self.ready = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._away_logged = -DATABASE_AWAY_LOG_S
 
     def run_loop(self) -> None:
         raise NotImplementedError
@@ -70,6 +77,13 @@ class Stage:
             try:
                 self.run_loop()
                 return
+            except DBAPIError as exc:      # the database server is away (restarting, say)
+                now = time.monotonic()
+                if now - self._away_logged >= DATABASE_AWAY_LOG_S:
+                    self._away_logged = now
+                    log.warning("%s: the database did not answer (%s); trying again every second",
+                                threading.current_thread().name, first_line(exc))
+                self.stop_event.wait(1.0)
             except Exception:  # noqa: BLE001 - a stage thread must outlive any one bug
                 log.exception("%s loop failed; restarting it in 1 s", threading.current_thread().name)
                 self.stop_event.wait(1.0)

@@ -28,6 +28,7 @@ import json
 import logging
 import multiprocessing
 import os
+import socket
 import threading
 import time
 from io import BytesIO
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pydicom
+from sqlalchemy.exc import SQLAlchemyError
 
 from node import __version__
 from node.config.reload import effective_config
@@ -42,7 +44,7 @@ from node.config.schema import PRIORITY_NAMES, Config
 from node.dicom.dispatch import Dispatcher
 from node.dicom.listener import Ingest, serve_ingest_only
 from node.dicom.tls import client_context
-from node.errors import ConfigError, InputError, NodeError, PermanentError
+from node.errors import ConfigError, InputError, NodeError, PermanentError, first_line
 from node.inference.models import NodeState, load_models
 from node.inference.runtime import ModelRuntime
 from node.inference.volume import load_series
@@ -54,13 +56,13 @@ from node.routing.notify import webhook_url
 from node.routing.triage import Outcome, triage
 from node.stage import Stage
 from node.storage.db import Database, JobRow
-from node.storage.files import FileStore
-from node.storage.housekeeping import STALL_TIMEOUT_S, Housekeeping
+from node.storage.files import FileStore, node_dir, safe_name
+from node.storage.cluster import NodeBeat
+from node.storage.housekeeping import Housekeeping
 
 log = logging.getLogger(__name__)
 
 MAX_JOB_ATTEMPTS = 3
-HEARTBEAT_S = 30.0
 #: In ``data_dir``: what the running node is and which provider runs each model.
 STATUS_FILE = "status.json"
 
@@ -80,6 +82,7 @@ class Inference(Stage):
         self.state = state
         self.wake_deliveries = wake_deliveries
         self.wake_notifications = wake_notifications
+        self.current: JobRow | None = None       # the job running now (the node's heartbeat says it)
 
     def run_loop(self) -> None:
         while not self.stopping:
@@ -87,14 +90,19 @@ class Inference(Stage):
             if job is None:
                 self.sleep(1.0)
                 continue
-            with self._heartbeat(job.id):
-                self.process_job(job)
+            self.current = job
+            try:
+                with self._heartbeat(job.id):
+                    self.process_job(job)
+            finally:
+                self.current = None
 
     def claim(self) -> JobRow | None:
         """The next job to run. A job is counted at each claim, so one that was running when
         the node died each time (a model that crashes the process, say) is failed after
         :data:`MAX_JOB_ATTEMPTS` instead of crash-looping the node."""
-        while (job := self.db.claim_job()) is not None:
+        state = self.state()
+        while (job := self.db.claim_job(models=tuple(state.models), worker=state.config.node.name)) is not None:
             if job.attempts <= MAX_JOB_ATTEMPTS:
                 return job
             series = self.db.get_series(job.series_id)
@@ -112,8 +120,11 @@ class Inference(Stage):
         done = threading.Event()
 
         def beat() -> None:
-            while not done.wait(HEARTBEAT_S):
-                self.db.heartbeat(job_id)
+            while not done.wait(self.state().config.node.heartbeat_s):
+                try:
+                    self.db.heartbeat(job_id)
+                except SQLAlchemyError as exc:   # the database is away: beat again next time
+                    log.warning("job %d: heartbeat not recorded: %s", job_id, first_line(exc))
 
         thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
         thread.start()
@@ -289,7 +300,7 @@ class Node:
     def __init__(self, config: Config) -> None:
         config.node.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = FileStore(config.node.data_dir, fsync=config.ingest.fsync, owner=config.node.name)
-        self.db = Database(config.node.effective_database_url)
+        self.db = Database(config.node.effective_database_url, root=config.node.data_dir)
         self.db.create()
         models, stamps = load_models(config)
         self._state = NodeState(config, models, stamps)
@@ -307,7 +318,8 @@ class Node:
         self.infer = Inference(self._stop, self.db, self.store, lambda: self._state,
                                self.dispatch.wake, self.notifier.wake, self.metrics)
         self.assembler = Assembler(self._stop, self.db, current, self.infer.wake, self.dispatch.wake, self.metrics)
-        self.housekeeping = Housekeeping(self._stop, self.db, self.store, current)
+        self.housekeeping = Housekeeping(self._stop, self.db, self.store, current, self._beat)
+        self._started_at = time.time()
         self._check_webhook(config)
 
     @property
@@ -320,7 +332,27 @@ class Node:
 
     @property
     def stages(self) -> tuple[Stage, ...]:
-        return (self.assembler, self.infer, self.dispatch, self.notifier, self.housekeeping)
+        """The stages this node's role runs: an ingest node completes, routes and delivers; a
+        worker infers and hands its results to delivery (rows an ingest node's stage sends)."""
+        node = self.config.node
+        return ((self.assembler, self.dispatch, self.notifier) if node.ingests else ()) \
+            + ((self.infer,) if node.infers else ()) + (self.housekeeping,)
+
+    def doing(self) -> str:
+        """What the node is doing, in a few words (its heartbeat in the database says it)."""
+        job = self.infer.current
+        parts = []
+        if self.config.node.ingests:
+            parts.append(f"{len(self.ingest.ae.active_associations)} associations")
+        if self.config.node.infers:
+            parts.append(f"job {job.id} ({job.model})" if job is not None else "idle")
+        return ", ".join(parts)
+
+    def _beat(self) -> None:
+        node = self.config.node
+        listener = f"{node.ae_title}@{node.host}:{node.port}" if node.ingests else ""
+        self.db.node_beat(NodeBeat(node.name, node.role, socket.gethostname(), os.getpid(), listener,
+                                   sorted(self.models), self.doing(), self._started_at))
 
     def wake(self) -> None:
         """Look for work now (after an operator's retry, say)."""
@@ -370,13 +402,24 @@ class Node:
         removed = self.store.clean_tmp()
         # Alone on SQLite, whatever is in flight was ours; on a shared database only work
         # whose heartbeat stopped is given back (another node may be running the rest).
-        given_back = self.db.requeue_stalled(time.time() - STALL_TIMEOUT_S if self.db.shared else None)
+        stall = self.config.node.stall_timeout_s
+        given_back = self.db.requeue_stalled(time.time() - stall if self.db.shared else None)
         if removed or given_back:
             log.info("recovered after restart: %d partial files removed, %d jobs/deliveries given back",
                      removed, given_back)
+        self._started = True
+        if self.config.node.ingests:
+            self._start_ingest()
+        else:
+            log.info("node %s is a worker: no listener; it runs %s", self.config.node.name,
+                     ", ".join(sorted(self.models)) or "no models")
+        self._write_status(started_at=time.time())
+        for stage in self.stages:
+            stage.start(threads=2 if stage is self.dispatch else 1)
+
+    def _start_ingest(self) -> None:
         extra = self.config.ingest.processes - 1
         self.ingest.start(reuse_port=extra > 0)
-        self._started = True
         spawn = multiprocessing.get_context("spawn")
         for k in range(extra):
             proc = spawn.Process(target=serve_ingest_only, args=(self.config,), name=f"ingest-{k + 2}", daemon=True)
@@ -384,9 +427,6 @@ class Node:
             self._ingest_processes.append(proc)
         if extra:
             log.info("%d ingest processes share port %d", extra + 1, self.config.node.port)
-        self._write_status(started_at=time.time())
-        for stage in self.stages:
-            stage.start(threads=2 if stage is self.dispatch else 1)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, let the current job and deliveries finish (up to ``timeout``)."""
@@ -399,26 +439,32 @@ class Node:
         deadline = time.monotonic() + timeout
         for stage in self.stages:
             stage.join(deadline)
+        if self._started:
+            try:
+                self.db.node_stopped(self.config.node.name)
+            except SQLAlchemyError as exc:
+                log.warning("could not record this node's stop: %s", first_line(exc))
         self.db.close()
         if self._started:
             self._write_status(stopped_at=time.time())
 
     def _write_status(self, **changes: float) -> None:
-        """Write ``data_dir/status.json`` (pid, listener, models and their providers)."""
-        path = self.config.node.data_dir / STATUS_FILE
+        """Write ``data_dir/nodes/<name>/status.json`` (pid, role, listener, models and their providers)."""
+        path = node_dir(self.config.node.data_dir, self.config.node.name) / STATUS_FILE
         status: dict[str, Any] = {}
         if "started_at" not in changes and path.is_file():
             status = json.loads(path.read_text())
         status.update(
-            pid=os.getpid(), version=__version__, ae_title=self.config.node.ae_title,
+            pid=os.getpid(), version=__version__, name=self.config.node.name, role=self.config.node.role,
+            ae_title=self.config.node.ae_title,
             host=self.config.node.host, port=self.config.node.port,
             models={name: runtime.describe() for name, runtime in self.models.items()}, **changes)
         self.store.write_atomic(path, (json.dumps(status, indent=2).encode(),))
 
 
 def node_status(config: Config) -> dict | None:
-    """What ``data_dir/status.json`` says about the node, with ``running`` worked out."""
-    path = config.node.data_dir / STATUS_FILE
+    """What this node's ``status.json`` says about it, with ``running`` worked out."""
+    path = config.node.data_dir / "nodes" / safe_name(config.node.name) / STATUS_FILE
     if not path.is_file():
         return None
     status = json.loads(path.read_text())

@@ -13,6 +13,8 @@ Fixtures
                              a private Orthanc with its own configuration
     storescp                 ``(aet="STORESCP", *args) -> StoreSCP(aet, port, folder)``:
                              a DCMTK storescp writing every received file into ``folder``
+    postgres_url             a SQLAlchemy URL of a PostgreSQL server (session)
+    postgres_server          ``PostgresServer``: a private one, with ``stop()`` and ``start()``
 """
 
 from __future__ import annotations
@@ -435,32 +437,61 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 PG_BIN = Path("/usr/lib/postgresql")
 
 
+class PostgresServer:
+    """A throw-away PostgreSQL server on a free loopback port, which a test may stop and start
+    again (a database restart during traffic)."""
+
+    def __init__(self) -> None:
+        versions = sorted(PG_BIN.glob("*/bin/initdb"))
+        if not versions:
+            pytest.fail("PostgreSQL not found (apt-get install postgresql; see .ci/run)", pytrace=False)
+        self.bindir = versions[-1].parent
+        # Not under pytest's folder: that one is private to root, and the server runs as postgres.
+        self.folder = Path(tempfile.mkdtemp(prefix="ainode-postgres-"))
+        self.data, self.log = self.folder / "data", self.folder / "postgres.log"
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:                        # PostgreSQL refuses to run as root
+            shutil.chown(self.folder, "postgres", "postgres")
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.port = free_port()
+        subprocess.run([*self.as_user, str(self.bindir / "initdb"), "-D", str(self.data), "-A", "trust",
+                        "-U", "postgres", "--no-sync"], check=True, capture_output=True, timeout=120)
+        self.start()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        subprocess.run([*self.as_user, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
+                        "-w", "start", "-o",
+                        f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"],
+                       check=True, capture_output=True, timeout=120)
+
+    def stop(self) -> None:
+        subprocess.run([*self.as_user, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"],
+                       capture_output=True, timeout=60)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A throw-away PostgreSQL server on a free loopback port; yields a SQLAlchemy URL."""
-    versions = sorted(PG_BIN.glob("*/bin/initdb"))
-    if not versions:
-        pytest.fail("PostgreSQL not found (apt-get install postgresql; see .ci/run)", pytrace=False)
-    bindir = versions[-1].parent
-    # Not under pytest's folder: that one is private to root, and the server runs as postgres.
-    folder = Path(tempfile.mkdtemp(prefix="ainode-postgres-"))
-    data, log = folder / "data", folder / "postgres.log"
-    as_user: list[str] = []
-    if os.geteuid() == 0:                        # PostgreSQL refuses to run as root
-        shutil.chown(folder, "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
-                    "--no-sync"], check=True, capture_output=True, timeout=120)
-    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "start", "-o",
-                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"],
-                   check=True, capture_output=True, timeout=120)
+    """A throw-away PostgreSQL server (shared by the session); yields a SQLAlchemy URL."""
+    server = PostgresServer()
     try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        yield server.url
     finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
-                       capture_output=True, timeout=60)
-        shutil.rmtree(folder, ignore_errors=True)
+        server.remove()
+
+
+@pytest.fixture
+def postgres_server() -> Iterator[PostgresServer]:
+    """A private PostgreSQL server for one test, which it may stop and start."""
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.remove()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

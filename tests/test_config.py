@@ -16,6 +16,19 @@ def test_shipped_config_loads():
     assert config.routes[0].models == ("ct-tissue",)
 
 
+def test_the_cluster_examples_load():
+    """deploy/cluster: one ingest node and workers with the same routes and destinations."""
+    ingest = load_config(REPO / "deploy" / "cluster" / "ingest.toml")
+    worker = load_config(REPO / "deploy" / "cluster" / "worker.toml")
+    assert (ingest.node.role, ingest.node.ingests, ingest.node.infers) == ("ingest", True, False)
+    assert (worker.node.role, worker.node.ingests, worker.node.infers) == ("worker", False, True)
+    assert ingest.node.database_url == worker.node.database_url != ""
+    assert ingest.node.data_dir == worker.node.data_dir
+    assert ingest.routes == worker.routes and ingest.destinations == worker.destinations
+    for unit in ("ainode-ingest.service", "ainode-worker@.service"):
+        assert "ExecStart=/opt/ainode/venv/bin/ainode serve --config" in (REPO / "deploy" / "systemd" / unit).read_text()
+
+
 def test_defaults_match_design():
     config = parse_config({})
     assert (config.node.ae_title, config.node.port, config.ingest.series_timeout_s) == ("AINODE", 11112, 10.0)
@@ -36,6 +49,13 @@ def test_defaults_match_design():
     ({"routes": [{"name": "r"}]}, "routes[0]"),
     ({"destinations": [{"name": "p", "ae_title": "P", "host": "h"}]}, "destinations[0].port"),
     ({"extra": {}}, "extra"),
+    ({"node": {"role": "gpu"}}, "node.role"),
+    ({"node": {"heartbeat_s": 10, "stall_timeout_s": 15}}, "node.stall_timeout_s"),
+    ({"inference": {"device_id": -1}}, "inference.device_id"),
+    ({"http": {"max_upload_mb": 0}}, "http.max_upload_mb"),
+    ({"destinations": [{"name": "w", "type": "dicomweb"}]}, "destinations[0].url"),
+    ({"destinations": [{"name": "w", "type": "dicomweb", "url": "ftp://x/"}]}, "destinations[0].url"),
+    ({"destinations": [{"name": "w", "type": "wado", "url": "http://x/"}]}, "destinations[0].type"),
 ])
 def test_bad_values_name_the_key(data, message):
     with pytest.raises(ConfigError) as exc:

@@ -95,8 +95,8 @@ def assert_store_consistent(node: NodeProcess, acked: list[str]) -> None:
     rows = dict(db_rows(node, "select sop_instance_uid, path from instances"))
     missing = [uid for uid in acked if uid not in rows]
     assert not missing, f"{len(missing)} acknowledged instances lost"
-    for uid, path in rows.items():
-        ds = pydicom.dcmread(path)               # every recorded file is whole
+    for uid, path in rows.items():               # paths are kept relative to data_dir
+        ds = pydicom.dcmread(node.data_dir / path)   # every recorded file is whole
         assert ds.SOPInstanceUID == uid and len(ds.PixelData) == ds.Rows * ds.Columns * 2
 
 

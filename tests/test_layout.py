@@ -18,7 +18,7 @@ PACKAGE = REPO / "node"
 #: What each part may import besides itself and ``node.__version__`` (lowest parts first).
 ALLOWED = {
     "errors": set(),
-    "stage": set(),
+    "stage": {"errors"},
     "metrics": set(),
     "config": {"errors"},
     "synthetic": set(),

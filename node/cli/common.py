@@ -84,7 +84,7 @@ def open_db(args: argparse.Namespace) -> Any:
         raise NodeError(f"no node has run with data_dir {config.node.data_dir}"
                         f"{'' if args.config else ' (no --config given and no ' + str(DEFAULT_CONFIG) + ' here)'}")
     try:
-        db = Database(url)
+        db = Database(url, root=config.node.data_dir)
         db.create()
     except SQLAlchemyError as exc:
         raise NodeError(f"cannot open the database {config.node.database_url or url}: {first_line(exc)}") from None

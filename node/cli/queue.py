@@ -19,8 +19,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     db = open_db(args)
     counts = db.counts()
     node = node_status(config)
+    nodes = db.nodes_report(config.node.stall_timeout_s)
     if args.json:
-        print(json.dumps({"node": node, **counts}, indent=2))
+        print(json.dumps({"node": node, **counts, "nodes": nodes}, indent=2))
         return 0
     if node is None:
         print("node:       never started with this data_dir")
@@ -34,6 +35,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"model:      {name} {m['version']} ({m['task']}, {m['kind']}) on {m['provider']}"
                   f"{binding}; warm-up {1000 * m['warmup_s']:.0f} ms{demo}")
     print(f"database:   {db.url}")
+    for n in nodes:
+        state = f"alive, heartbeat {n['heartbeat_age_s']:.0f} s ago" if n["alive"] else \
+            ("stopped" if n["doing"] == "stopped" else f"NO HEARTBEAT for {n['heartbeat_age_s']:.0f} s")
+        where = f" {n['listener']}" if n["listener"] else ""
+        models = f"; models {', '.join(n['models'])}" if n["models"] else ""
+        print(f"{'nodes:' if n is nodes[0] else '':11s} {n['name']} ({n['role']}) on {n['host']}, pid {n['pid']}:"
+              f" {state}; {n['doing']}{where}{models}")
     for name in ("instances", "series", "jobs", "deliveries", "notifications", "mpps"):
         parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.get(name, {}).items())) or "none"
         print(f"{name:13s} {parts}")

@@ -19,7 +19,7 @@ from node import __version__
 from node.cli.common import config_path, load
 from node.config.schema import load_config
 from node.errors import ConfigError
-from node.storage.files import DataDirLock
+from node.storage.files import DataDirLock, node_dir
 
 if TYPE_CHECKING:
     from node.worker import Node
@@ -53,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from node.web.app import WebContext, WebServer
             from node.web.auth import Tokens
 
-            report = config.node.data_dir / RELOAD_FILE
+            report = node_dir(config.node.data_dir, config.node.name) / RELOAD_FILE
             web = WebServer(config.http, WebContext(node, Tokens.load(config.http.tokens_file),
                                                     lambda actor: _reload(node, path, report, actor)))
             web.start()
@@ -61,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         node.stop(timeout=5)
         lock.release()
         raise
-    pid_file = config.node.data_dir / PID_FILE
+    pid_file = node_dir(config.node.data_dir, config.node.name) / PID_FILE
     pid_file.write_text(f"{os.getpid()}\n")
     log = logging.getLogger("node")
     log.info("ainode %s serving (pid %d); SIGHUP or `ainode reload` reads the configuration again; "
@@ -73,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 break
             stop.clear()
             reload.clear()
-            _reload(node, path, config.node.data_dir / RELOAD_FILE)
+            _reload(node, path, node_dir(config.node.data_dir, config.node.name) / RELOAD_FILE)
     finally:
         log.info("stopping: no new associations, finishing work in progress")
         if web is not None:
@@ -105,13 +105,13 @@ def _reload(node: Node, path: Path | None, report: Path, actor: str = "SIGHUP") 
 
 def cmd_reload(args: argparse.Namespace) -> int:
     config = load(args.config)     # a bad file is refused here already, naming the key
-    pid_file = config.node.data_dir / PID_FILE
+    pid_file = node_dir(config.node.data_dir, config.node.name) / PID_FILE
     try:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
         print(f"no running node: {pid_file} is missing or unreadable", file=sys.stderr)
         return 1
-    report = config.node.data_dir / RELOAD_FILE
+    report = node_dir(config.node.data_dir, config.node.name) / RELOAD_FILE
     before = report.stat().st_mtime_ns if report.exists() else 0
     try:
         os.kill(pid, signal.SIGHUP)

@@ -32,6 +32,9 @@ LINK_FIELDS = ("study_uid", "series_uid", "accession", "sr_uid", "job_id")
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 
 
+ROLES = ("all", "ingest", "worker")
+
+
 @dataclass(frozen=True)
 class NodeSection:
     ae_title: str = "AINODE"
@@ -41,6 +44,17 @@ class NodeSection:
     database_url: str = ""
     max_associations: int = 16
     name: str = field(default_factory=socket.gethostname)   # this node among others on one data_dir
+    role: str = "all"                     # all | ingest (listener, routing, delivery) | worker (inference)
+    heartbeat_s: float = 10.0             # how often a node and its running job say they are alive
+    stall_timeout_s: float = 60.0         # a job whose heartbeat is older is given to another worker
+
+    @property
+    def ingests(self) -> bool:
+        return self.role in ("all", "ingest")
+
+    @property
+    def infers(self) -> bool:
+        return self.role in ("all", "worker")
 
     @property
     def effective_database_url(self) -> str:
@@ -68,6 +82,8 @@ class InferenceSection:
     providers: tuple[str, ...] = (
         "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
     models_dir: Path = Path("models")
+    device_id: int = 0                    # the GPU this node's models run on (one worker per GPU)
+    cpu_threads: int = 0                  # ONNX Runtime's threads per model on the CPU (0: one per core)
 
 
 @dataclass(frozen=True)
@@ -246,8 +262,16 @@ def parse_config(data: dict[str, Any]) -> Config:
         database_url=n.get("database_url", str, ""),
         max_associations=n.positive("max_associations", int, 16),
         name=n.get("name", str, "") or socket.gethostname(),
+        role=n.get("role", str, "all"),
+        heartbeat_s=n.positive("heartbeat_s", float, 10.0),
+        stall_timeout_s=n.positive("stall_timeout_s", float, 60.0),
     )
     n.done()
+    if node.role not in ROLES:
+        raise ConfigError(f"node.role: {node.role!r} is not one of {', '.join(ROLES)}")
+    if node.stall_timeout_s < 2 * node.heartbeat_s:
+        raise ConfigError(f"node.stall_timeout_s ({node.stall_timeout_s:g}) must be at least twice "
+                          f"node.heartbeat_s ({node.heartbeat_s:g}): a live worker would lose its jobs")
     if len(node.name) > 64:
         raise ConfigError("node.name: at most 64 characters")
 
@@ -284,8 +308,14 @@ def parse_config(data: dict[str, Any]) -> Config:
     inference = InferenceSection(
         providers=f.str_list("providers", InferenceSection.providers),
         models_dir=Path(f.get("models_dir", str, "models")),
+        device_id=f.get("device_id", int, 0),
+        cpu_threads=f.get("cpu_threads", int, 0),
     )
     f.done()
+    if inference.device_id < 0:
+        raise ConfigError("inference.device_id: a GPU number from 0")
+    if inference.cpu_threads < 0:
+        raise ConfigError("inference.cpu_threads: 0 (one per core) or a number of threads")
     if not inference.providers:
         raise ConfigError("inference.providers: needs at least one execution provider")
 

@@ -56,6 +56,10 @@ class NodeState:
     stamps: Mapping[str, tuple[ModelManifest, int]] = dataclasses.field(default_factory=dict)
 
 
+#: TensorRT engines, under data_dir: built once per model, GPU and TensorRT version.
+TRT_CACHE = "trt-cache"
+
+
 def load_models(config: Config, previous: NodeState | None = None
                 ) -> tuple[dict[str, ModelRuntime], dict[str, tuple[ModelManifest, int]]]:
     """Load every model that a route names, once, and keep it warm (reusing unchanged ones).
@@ -65,16 +69,20 @@ def load_models(config: Config, previous: NodeState | None = None
             ``on_result`` names a finding or segment its models do not have.
     """
     packages = discover(config.inference.models_dir)
+    load = config.node.infers           # an ingest node checks the packages, a worker loads them
+    manifests: dict[str, ModelManifest] = {}
     runtimes: dict[str, ModelRuntime] = {}
     stamps: dict[str, tuple[ModelManifest, int]] = {}
     for k, route in enumerate(config.routes):
         for name in route.models:
-            if name in runtimes:
+            if name in manifests:
                 continue
             if name not in packages:
                 raise ConfigError(f"routes[{k}].models: model {name!r} (route {route.name}) not found in "
                                   f"{config.inference.models_dir} (have: {', '.join(packages) or 'none'})")
-            manifest = load_manifest(packages[name])
+            manifest = manifests[name] = load_manifest(packages[name])
+            if not load:
+                continue
             if not manifest.onnx_path.is_file() and (manifest.directory / BUILD_SCRIPT).is_file() \
                     and manifest.demonstration:
                 log.info("model %s: %s is missing; building the reference model (deterministic)",
@@ -84,9 +92,12 @@ def load_models(config: Config, previous: NodeState | None = None
             if previous is not None and previous.stamps.get(name) == stamp:
                 runtimes[name] = previous.models[name]
             else:
-                runtimes[name] = ModelRuntime(manifest, config.inference.providers)
+                runtimes[name] = ModelRuntime(manifest, config.inference.providers,
+                                              device_id=config.inference.device_id,
+                                              trt_cache=config.node.data_dir / TRT_CACHE / config.node.name,
+                                              cpu_threads=config.inference.cpu_threads)
             stamps[name] = stamp
-        _check_on_result(k, route.on_result, [runtimes[m].manifest for m in route.models])
+        _check_on_result(k, route.on_result, [manifests[m] for m in route.models])
     return runtimes, stamps
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -64,10 +65,21 @@ def choose_providers(wanted: Sequence[str]) -> list[str]:
     return chosen
 
 
-def _provider_options(provider: str, manifest: ModelManifest) -> dict[str, Any]:
-    if provider == "TensorrtExecutionProvider" and manifest.input.fp16:
-        return {"trt_fp16_enable": True}
-    return {}
+def _provider_options(provider: str, manifest: ModelManifest, device_id: int,
+                      trt_cache: Path | None) -> dict[str, Any]:
+    """The GPU (``inference.device_id``); for TensorRT also fp16 when the manifest allows it
+    and an engine cache, so that a restart does not rebuild the engines (minutes each)."""
+    options: dict[str, Any] = {}
+    if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider"):
+        options["device_id"] = device_id
+    if provider == "TensorrtExecutionProvider":
+        if manifest.input.fp16:
+            options["trt_fp16_enable"] = True
+        if trt_cache is not None:
+            trt_cache.mkdir(parents=True, exist_ok=True)
+            options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(trt_cache),
+                           trt_timing_cache_enable=True, trt_timing_cache_path=str(trt_cache))
+    return options
 
 
 class ModelRuntime:
@@ -79,7 +91,8 @@ class ModelRuntime:
     """
 
     def __init__(self, manifest: ModelManifest, providers: Sequence[str], *,
-                 warm_up: bool = True) -> None:
+                 warm_up: bool = True, device_id: int = 0, trt_cache: Path | None = None,
+                 cpu_threads: int = 0) -> None:
         self.manifest = manifest
         if not manifest.onnx_path.is_file():
             hint = manifest.directory / "build.py"
@@ -89,10 +102,12 @@ class ModelRuntime:
         chosen = choose_providers(providers)
         options = ort.SessionOptions()
         options.log_severity_level = 3   # errors only: a missing GPU is reported by us, once
+        if cpu_threads:
+            options.intra_op_num_threads = cpu_threads
         try:
             self.session = ort.InferenceSession(
                 str(manifest.onnx_path), sess_options=options, providers=chosen,
-                provider_options=[_provider_options(p, manifest) for p in chosen])
+                provider_options=[_provider_options(p, manifest, device_id, trt_cache) for p in chosen])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             raise ConfigError(f"model {manifest.name}: ONNX Runtime cannot load {manifest.onnx_path}: {exc}") from None
         self.provider = self.session.get_providers()[0]
@@ -103,6 +118,7 @@ class ModelRuntime:
         self.graph: GraphIO = check_graph(manifest, self.session.get_inputs(), self.session.get_outputs())
         #: Device the IOBinding path binds to; ``None``: plain ``session.run``.
         self.bind_device: str | None = _BOUND_PROVIDERS.get(self.provider)
+        self.device_id = device_id
         self.warmup_s = self.warm_up() if warm_up else 0.0
         log.info("model %s %s runs on %s (%s); warm-up %.2f s", manifest.name, manifest.version,
                  self.provider, self.graph.describe(), self.warmup_s,
@@ -156,7 +172,7 @@ class ModelRuntime:
         else:
             binding = self.session.io_binding()
             binding.bind_cpu_input(self.input_name, np.ascontiguousarray(x))
-            binding.bind_output(self.output_name, self.bind_device)
+            binding.bind_output(self.output_name, self.bind_device, self.device_id)
             self.session.run_with_iobinding(binding)
             y = binding.copy_outputs_to_cpu()[0]
         return y[:n]

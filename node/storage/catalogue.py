@@ -17,6 +17,7 @@ from sqlalchemy import and_, func, select, true
 from sqlalchemy.engine import Engine
 
 from node.storage.schema import Instance, Job, JobStatus, Series, Study
+from node.storage.paths import DataPaths
 
 
 @dataclass
@@ -73,7 +74,7 @@ def _match(column: Any, pattern: str) -> Any:
     return column.like(escaped.replace("*", "%").replace("?", "_"), escape="\\")
 
 
-class CatalogueQueries:
+class CatalogueQueries(DataPaths):
     engine: Engine
 
     def find_studies(self, q: StudyQuery, limit: int, offset: int) -> list[StudyEntry]:
@@ -156,7 +157,7 @@ class CatalogueQueries:
                 .join(Series, Instance.series_id == Series.id).join(Study, Series.study_id == Study.id)
                 .where(*where).order_by(Series.id, Instance.id))
         with self.engine.connect() as conn:
-            out = [InstanceEntry(*row) for row in conn.execute(stmt).all()]
+            out = [InstanceEntry(*row[:5], self.from_db(row[5]), row[6]) for row in conn.execute(stmt).all()]
             out += [r for _, r in self._results(conn, Study.study_uid == study_uid)
                     if (not series_uid or r.series_uid == series_uid) and (not sop_uid or r.sop_uid == sop_uid)]
         end = None if limit is None else offset + limit
@@ -176,5 +177,6 @@ class CatalogueQueries:
             for result, path in zip(json.loads(summary or "{}").get("results", []), json.loads(files or "[]")):
                 out.append((study_id, InstanceEntry(
                     study_uid, result["series_instance_uid"], result["sop_instance_uid"], result["sop_class_uid"],
-                    result.get("transfer_syntax", "1.2.840.10008.1.2.1"), path, result.get("modality", ""))))
+                    result.get("transfer_syntax", "1.2.840.10008.1.2.1"), self.from_db(path),
+                    result.get("modality", ""))))
         return out

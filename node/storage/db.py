@@ -30,6 +30,7 @@ import json
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Sequence
 
 from sqlalchemy import and_, create_engine, event, func, or_, select, text, update
@@ -38,6 +39,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from node.storage.catalogue import CatalogueQueries
+from node.storage.cluster import ClusterQueries
 from node.storage.evidence import EvidenceQueries
 from node.storage.queue import QueueQueries
 from node.storage.reports import ReportQueries
@@ -73,7 +75,7 @@ def _private_sqlite_file(name: str | None) -> None:
     os.chmod(name, 0o600)
 
 
-class Database(QueueQueries, EvidenceQueries, ReportQueries, CatalogueQueries):
+class Database(QueueQueries, EvidenceQueries, ReportQueries, CatalogueQueries, ClusterQueries):
     """The node's queue and catalogue over any SQLAlchemy URL (SQLite in WAL mode by default).
 
     This module holds the engine, ingest, assembly, study routes, retention and the audit;
@@ -81,9 +83,11 @@ class Database(QueueQueries, EvidenceQueries, ReportQueries, CatalogueQueries):
     reports in :mod:`node.storage.reports`: together they are every query of the node.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, root: Path | None = None) -> None:
         self.url = url
-        self.engine: Engine = create_engine(url, future=True)
+        self.root = root.resolve() if root is not None else None
+        # pre-ping: a server database that restarted leaves dead connections in the pool
+        self.engine: Engine = create_engine(url, future=True, pool_pre_ping=not url.startswith("sqlite"))
         if self.engine.dialect.name == "sqlite":
             _private_sqlite_file(self.engine.url.database)
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -117,6 +121,7 @@ class Database(QueueQueries, EvidenceQueries, ReportQueries, CatalogueQueries):
         to one.
         """
         now = time.time() if now is None else now
+        path = self.to_db(rec.path)
         with self.engine.begin() as conn:
             before = conn.execute(select(Instance.path).where(
                 Instance.sop_instance_uid == rec.sop_instance_uid)).scalar()
@@ -139,7 +144,7 @@ class Database(QueueQueries, EvidenceQueries, ReportQueries, CatalogueQueries):
             conn.execute(update(Series).where(Series.id == series_id).values(
                 last_received_at=now, status=SeriesStatus.RECEIVING.value))
             values = dict(series_id=series_id, sop_class_uid=rec.sop_class_uid,
-                          transfer_syntax=rec.transfer_syntax, path=rec.path, size=rec.size, received_at=now)
+                          transfer_syntax=rec.transfer_syntax, path=path, size=rec.size, received_at=now)
             conn.execute(self._insert(Instance).values(sop_instance_uid=rec.sop_instance_uid, **values)
                          .on_conflict_do_update(index_elements=["sop_instance_uid"], set_=values))
         # Cache ids only after the commit, so a rolled-back insert is never remembered; the
@@ -149,7 +154,7 @@ class Database(QueueQueries, EvidenceQueries, ReportQueries, CatalogueQueries):
             self._study_ids.clear()
         self._study_ids[rec.study_uid] = study_id
         self._series_ids[rec.series_uid] = series_id
-        return before if before is not None and before != rec.path else None
+        return self.from_db(before) if before is not None and before != path else None
 
     # -------------------------------------------------------------- assemble
     def quiet_series(self, quiet_since: float, now: float | None = None) -> list[SeriesRow]:
@@ -169,8 +174,8 @@ class Database(QueueQueries, EvidenceQueries, ReportQueries, CatalogueQueries):
 
     def series_paths(self, series_id: int) -> list[str]:
         with self.engine.connect() as conn:
-            return list(conn.execute(select(Instance.path).where(Instance.series_id == series_id)
-                                     .order_by(Instance.id)).scalars())
+            return [self.from_db(p) for p in conn.execute(select(Instance.path).where(
+                Instance.series_id == series_id).order_by(Instance.id)).scalars()]
 
     def get_series(self, series_id: int) -> SeriesRow:
         with Session(self.engine) as session:
@@ -227,7 +232,7 @@ class Database(QueueQueries, EvidenceQueries, ReportQueries, CatalogueQueries):
         stmt = (select(Series, Study, first).join(Study, Series.study_id == Study.id)
                 .where(Series.study_id == study_id).order_by(Series.first_received_at))
         with Session(self.engine) as session:
-            return [(_series_row(s, st), path or "") for s, st, path in session.execute(stmt).all()]
+            return [(_series_row(s, st), self.from_db(path or "")) for s, st, path in session.execute(stmt).all()]
 
     def study_route_states(self, study_id: int) -> dict[str, tuple[str, float]]:
         """route -> (state, watermark) of the study-level routes already decided for a study."""
@@ -309,7 +314,7 @@ class Database(QueueQueries, EvidenceQueries, ReportQueries, CatalogueQueries):
     def series_results(self, series_id: int) -> list[str]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(Job.result_files).where(Job.series_id == series_id)).scalars()
-            return [path for row in rows for path in json.loads(row or "[]")]
+            return [self.from_db(path) for row in rows for path in json.loads(row or "[]")]
 
     def mark_purged(self, series_id: int) -> bool:
         """Assembled -> purged, unless an instance arrived meanwhile (then it is receiving)."""

@@ -42,7 +42,7 @@ class FileStore:
         self.fsync = fsync
         # Temporary files carry the node's name: on a data_dir shared by several nodes, each
         # cleans up only what it left itself.
-        self.owner = _safe_name(owner)
+        self.owner = safe_name(owner)
         self.images = self.root / "images"
         self.results = self.root / "results"
         self.tmp = self.root / "tmp"
@@ -165,12 +165,20 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def node_dir(data_dir: Path, name: str) -> Path:
+    """``data_dir/nodes/<name>``: what belongs to one node on a data_dir that several share
+    (its pid file, its status, the outcome of its last reload)."""
+    folder = data_dir / "nodes" / safe_name(name)
+    folder.mkdir(parents=True, exist_ok=True, mode=FOLDER_MODE)
+    return folder
+
+
 class DataDirLock:
     """One live node per name on a ``data_dir``: an exclusive lock on ``nodes/<name>.lock``
     (``flock``: released by the kernel when the process dies, however it dies)."""
 
     def __init__(self, data_dir: Path, name: str) -> None:
-        self.path = data_dir / "nodes" / f"{_safe_name(name)}.lock"
+        self.path = data_dir / "nodes" / f"{safe_name(name)}.lock"
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -195,5 +203,5 @@ class DataDirLock:
             self._fd = None
 
 
-def _safe_name(name: str) -> str:
+def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:64] or "node"

@@ -12,27 +12,31 @@ import json
 import time
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.engine import Connection
 
 from node.storage.schema import (Delivery, DeliveryRow, DeliveryStatus, Job, JobRow, JobStatus, Notification,
                                  NotificationRow, NotificationSpec, NotificationStatus, Series, SeriesStatus,
                                  Study)
+from node.storage.paths import DataPaths
 
 
-class QueueQueries:
+class QueueQueries(DataPaths):
     """Claims, heartbeats, finishing, deferring and retrying queued work."""
 
     engine: Any
 
-    def claim_job(self, now: float | None = None) -> JobRow | None:
-        """Take the most urgent, then oldest, queued job by setting it running."""
+    def claim_job(self, now: float | None = None, models: Sequence[str] | None = None,
+                  worker: str = "") -> JobRow | None:
+        """Take the most urgent, then oldest, queued job by setting it running; only of
+        ``models`` when given (a worker claims only what it has loaded)."""
         now = time.time() if now is None else now
-        pick = (select(Job.id).where(Job.status == JobStatus.QUEUED.value)
+        queued = Job.status == JobStatus.QUEUED.value
+        pick = (select(Job.id).where(queued if models is None else and_(queued, Job.model.in_(list(models))))
                 .order_by(Job.priority, Job.created_at, Job.id).limit(1)
                 .with_for_update(skip_locked=True).scalar_subquery())   # PostgreSQL; SQLite ignores it
         stmt = (update(Job).where(Job.id == pick, Job.status == JobStatus.QUEUED.value)
-                .values(status=JobStatus.RUNNING.value, claimed_at=now, heartbeat_at=now,
+                .values(status=JobStatus.RUNNING.value, claimed_at=now, heartbeat_at=now, worker=worker[:64],
                         attempts=Job.attempts + 1)
                 .returning(Job.id, Job.series_id, Job.model, Job.destinations, Job.priority, Job.status,
                            Job.attempts, Job.routes))
@@ -67,7 +71,7 @@ class QueueQueries:
             rank = row.priority if priority is None else min(row.priority, priority)
             conn.execute(update(Job).where(Job.id == job_id).values(
                 status=JobStatus.DONE.value, finished_at=now, error="", priority=rank,
-                result_files=json.dumps(list(result_files)), summary=json.dumps(summary)))
+                result_files=json.dumps([self.to_db(f) for f in result_files]), summary=json.dumps(summary)))
             targets = list(dict.fromkeys([*json.loads(row.destinations), *destinations]))
             for dest in targets:
                 conn.execute(self._insert(Delivery).values(
@@ -130,7 +134,8 @@ class QueueQueries:
 
     def job_results(self, job_id: int) -> list[str]:
         with self.engine.connect() as conn:
-            return json.loads(conn.execute(select(Job.result_files).where(Job.id == job_id)).scalar_one())
+            files = json.loads(conn.execute(select(Job.result_files).where(Job.id == job_id)).scalar_one())
+        return [self.from_db(f) for f in files]
 
     # ------------------------------------------------------------ deliveries
     def claim_delivery(self, now: float | None = None, lease_s: float = 600.0) -> DeliveryRow | None:

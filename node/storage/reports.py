@@ -17,9 +17,10 @@ from sqlalchemy.orm import Session
 
 from node.storage.schema import (AuditEvent, Delivery, DeliveryStatus, Instance, Job, JobStatus, Mpps, Notification,
                                  Series, Study, StudyRoute)
+from node.storage.paths import DataPaths
 
 
-class ReportQueries:
+class ReportQueries(DataPaths):
     """Counts and listings: ``ainode status``, ``jobs``, ``worklist``, ``routes log``, ``audit``."""
 
     engine: Engine
@@ -64,7 +65,7 @@ class ReportQueries:
             out.update(series_id=series.id, calling_aet=series.calling_aet, caller_address=series.caller_address,
                        instances=conn.execute(select(func.count()).select_from(Instance).where(
                            Instance.series_id == series.id)).scalar_one(),
-                       result_files=json.loads(row[0].result_files or "[]"),
+                       result_files=[self.from_db(f) for f in json.loads(row[0].result_files or "[]")],
                        notifications=[dict(id=n.id, subject=n.subject, status=n.status, attempts=n.attempts,
                                            error=n.error) for (n,) in conn.execute(
                                                select(Notification).where(Notification.job_id == job_id)
@@ -79,7 +80,7 @@ class ReportQueries:
                                   .where(Delivery.job_id == job.id).order_by(Delivery.id)).all()
         return dict(
             id=job.id, model=job.model, status=job.status, priority=job.priority,
-            attempts=job.attempts, error=job.error, series_uid=series_uid, modality=modality,
+            attempts=job.attempts, worker=job.worker, error=job.error, series_uid=series_uid, modality=modality,
             description=description, study_uid=study_uid, accession=accession,
             created_at=job.created_at, finished_at=job.finished_at,
             summary=json.loads(job.summary or "{}"),

@@ -124,6 +124,7 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[float] = mapped_column(Float)
     claimed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    worker: Mapped[str] = mapped_column(String(64), default="")   # node.name of the node that ran it last
     heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str] = mapped_column(Text, default="")
@@ -145,6 +146,24 @@ class Delivery(Base):
     created_at: Mapped[float] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str] = mapped_column(Text, default="")
+
+
+class NodeEntry(Base):
+    """One node of those sharing this database: its role and what it is doing, refreshed
+    every ``node.heartbeat_s``."""
+
+    __tablename__ = "nodes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255), default="")       # the machine's host name
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    listener: Mapped[str] = mapped_column(String(128), default="")   # "AINODE@0.0.0.0:11112", or ""
+    models: Mapped[str] = mapped_column(Text, default="[]")          # the models it runs (a worker)
+    doing: Mapped[str] = mapped_column(String(255), default="")
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float)
+    stopped_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class AuditEvent(Base):

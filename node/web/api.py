@@ -55,19 +55,20 @@ def status_payload(node: Any) -> dict[str, Any]:
 
     db = node.db
     return {"node": node_status(node.config), **db.counts(), "ready": readiness(node),
-            "ingest_per_minute": db.ingest_rate(10)}
+            "ingest_per_minute": db.ingest_rate(10), "nodes": db.nodes_report(node.config.node.stall_timeout_s)}
 
 
 def readiness(node: Any) -> dict[str, bool]:
-    """Listener up, database answering, every routed model loaded."""
+    """Listener up (an ingest node), database answering, every routed model loaded (a worker)."""
     try:
         node.db.ping()
         database = True
     except Exception:  # noqa: BLE001 - any failure means not ready
         database = False
     routed = {m for r in node.config.routes for m in r.models}
-    return {"listener": node.ingest.listening, "database": database,
-            "models": routed <= set(node.models)}
+    role = node.config.node
+    return {"listener": node.ingest.listening or not role.ingests, "database": database,
+            "models": routed <= set(node.models) or not role.infers}
 
 
 @router.get("/status")
