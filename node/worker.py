@@ -49,7 +49,8 @@ from node.inference.models import NodeState, load_models
 from node.inference.runtime import ModelRuntime
 from node.inference.volume import load_series
 from node.metrics import Metrics
-from node.results.encode import encode_classification, encode_image_classifications, encode_segmentation
+from node.results.encode import (encode_classification, encode_image_classifications, encode_rejection,
+                                 encode_segmentation)
 from node.routing.assembler import Assembler
 from node.routing.notifier import Notifier
 from node.routing.notify import webhook_url
@@ -146,6 +147,7 @@ class Inference(Stage):
             log.error("%s failed: %s", where, exc, extra={"job_id": job.id})
             self.db.fail_job(job.id, f"{type(exc).__name__}: {exc}")
             self.metrics.jobs_finished.labels("failed", job.model).inc()
+            self._withdraw(state, job, series, previous, f"re-run failed: {exc}")
             return
         except Exception as exc:  # noqa: BLE001 - retryable and unknown errors get a bounded retry
             again = job.attempts < MAX_JOB_ATTEMPTS
@@ -157,6 +159,8 @@ class Inference(Stage):
                 log.debug("%s: traceback", where, exc_info=True)
             self.db.fail_job(job.id, f"{type(exc).__name__}: {exc}", retry=again)
             self.metrics.jobs_finished.labels("retry" if again else "failed", job.model).inc()
+            if not again:
+                self._withdraw(state, job, series, previous, f"re-run failed: {exc}")
             return
         try:
             outcome = triage(state.config, job, series, summary)
@@ -185,6 +189,7 @@ class Inference(Stage):
                           by=summary.get("result_uids", []))
             log.info("%s: its input changed; the new results (new UIDs) supersede %d earlier objects",
                      where, len(superseded), extra={"job_id": job.id})
+            self._withdraw(state, job, series, superseded, "superseded: the input changed")
         log.info("%s done in %.2f s: %s", where, sum(summary["timings"].values()),
                  ", ".join(f"{k} {v:.2f}s" for k, v in summary["timings"].items()),
                  extra={"job_id": job.id, "timings": summary["timings"]})
@@ -200,6 +205,43 @@ class Inference(Stage):
         self.wake_deliveries()
         if outcome.notifications:
             self.wake_notifications()
+
+    def _withdraw(self, state: NodeState, job: JobRow, series: Any, objects: list[dict[str, Any]],
+                  why: str) -> None:
+        """Results the node no longer stands by (superseded, or their re-run failed): recorded
+        in the audit, and, to each destination that received them and has ``supersede =
+        "iocm"``, an IHE IOCM rejection note (KOS, "Rejected for Quality Reasons")."""
+        if not objects:
+            return
+        uids = sorted(o["sop_instance_uid"] for o in objects)
+        self.db.audit("node", "withdrawn", series.series_uid, job_id=job.id, result_uids=uids, why=why[:200])
+        config = state.config
+        targets = []
+        for name in self.db.result_destinations(job.id):
+            try:
+                if config.resolve_destination(name).supersede == "iocm":
+                    targets.append(name)
+            except ConfigError:
+                continue                     # no longer configured: nothing to tell it
+        runtime = state.models.get(job.model)
+        if not targets or runtime is None:
+            return
+        try:
+            source = pydicom.dcmread(self.db.series_paths(job.series_id)[0], stop_before_pixels=True)
+            key = f"{series.series_uid}|{job.model}|rejection|{'|'.join(uids)}"
+            note = encode_rejection(source, objects, runtime.manifest, key, why)
+            path = self.store.result_dir(job.id) / f"rejection-{hashlib.sha256(key.encode()).hexdigest()[:12]}.dcm"
+            buf = BytesIO()
+            note.save_as(buf, enforce_file_format=True)
+            self.store.write_atomic(path, (buf.getbuffer(),))
+            self.db.queue_files(job.id, "rejection", [str(path)], targets, job.priority)
+        except Exception as exc:  # noqa: BLE001 - the audit has it; the note must not break the job's end
+            log.error("job %d: the rejection note for %d earlier objects could not be made: %s", job.id,
+                      len(objects), first_line(exc))
+            return
+        log.info("job %d: %d earlier result objects withdrawn (%s); rejection note %s to %s", job.id, len(objects),
+                 why[:120], note.SOPInstanceUID, ", ".join(targets), extra={"job_id": job.id})
+        self.wake_deliveries()
 
     def _run_job(self, state: NodeState, job: JobRow, series_uid: str) -> tuple[dict[str, Any], list[str]]:
         runtime = state.models.get(job.model)

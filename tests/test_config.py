@@ -56,6 +56,8 @@ def test_defaults_match_design():
     ({"destinations": [{"name": "w", "type": "dicomweb"}]}, "destinations[0].url"),
     ({"destinations": [{"name": "w", "type": "dicomweb", "url": "ftp://x/"}]}, "destinations[0].url"),
     ({"destinations": [{"name": "w", "type": "wado", "url": "http://x/"}]}, "destinations[0].type"),
+    ({"destinations": [{"name": "p", "ae_title": "P", "host": "h", "port": 104, "supersede": "delete"}]},
+     "destinations[0].supersede"),
 ])
 def test_bad_values_name_the_key(data, message):
     with pytest.raises(ConfigError) as exc:

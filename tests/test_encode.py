@@ -13,7 +13,7 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from node.results.encode import (
+from node.results.encode import (encode_rejection, 
     SegmentationResult,
     derive_uid,
     encode_classification,
@@ -388,6 +388,30 @@ def test_outputs_pass_validators(encoded, series, tmp_path):
         ("seg-empty", empty.seg), ("sr-empty", empty.sr))]
     done = validate(*paths)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_rejection_note_references_what_it_withdraws_and_validates(encoded, series, tmp_path):
+    """An IHE IOCM rejection note for an earlier SEG and SR: a KOS titled "Rejected for
+    Quality Reasons" in the same study, referencing both, that passes the validators."""
+    rejected = [dict(sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),
+                     series_instance_uid=str(ds.SeriesInstanceUID), modality=str(ds.Modality))
+                for ds in (encoded.seg, encoded.sr)]
+    manifest = load_manifest(ROOT / "models" / "ct-tissue")
+    note = encode_rejection(series[0], rejected, manifest, JOB + "rejection", "superseded: the input changed")
+    assert note.Modality == "KO" and note.StudyInstanceUID == series[0].StudyInstanceUID
+    assert note.ConceptNameCodeSequence[0].CodeValue == "113001"
+    referenced = {item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                  for item in note.ContentSequence if item.ValueType in ("COMPOSITE", "IMAGE")}
+    assert referenced == {encoded.seg.SOPInstanceUID, encoded.sr.SOPInstanceUID}
+    evidence = {i.ReferencedSOPInstanceUID for st in note.CurrentRequestedProcedureEvidenceSequence
+                for se in st.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
+    assert evidence == referenced
+    assert encode_rejection(series[0], rejected, manifest, JOB + "rejection", "x").SOPInstanceUID == \
+        note.SOPInstanceUID                                       # the same note for the same key
+    done = validate(_saved(note, tmp_path / "kos.dcm"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    with pytest.raises(InputError):
+        encode_rejection(series[0], [], manifest, JOB, "nothing")
 
 
 def _saved(ds: pydicom.Dataset, path: Path) -> Path:

@@ -20,6 +20,12 @@ VALIDATOR = REPO / "tests" / "tools" / "validate_dicom.sh"
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+
+
+def rejected_by(note: pydicom.Dataset) -> set[str]:
+    return {item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for item in note.ContentSequence
+            if item.ValueType in ("COMPOSITE", "IMAGE")}
 
 
 
@@ -57,7 +63,7 @@ def test_late_slices_give_new_results_that_a_default_orthanc_keeps(dcmtk, orthan
     """Orthanc in its default configuration (OverwriteInstances false) keeps the first of two
     objects with one SOP Instance UID: a re-run must carry new UIDs to be seen at all."""
     node = node_for(tmp_path, models_dir, [{"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1",
-                                            "port": orthanc.dicom_port}], ["pacs"])
+                                            "port": orthanc.dicom_port, "supersede": "iocm"}], ["pacs"])
     try:
         phantom = make_ct_series(tmp_path / "ct", slices=40, size=64)
         files = sorted(phantom.files, key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True)
@@ -80,17 +86,48 @@ def test_late_slices_give_new_results_that_a_default_orthanc_keeps(dcmtk, orthan
         assert "supersedes 2 earlier result objects (its input changed)" in node.cli("jobs").stdout
         audit = json.loads(node.cli("audit", "--action", "superseded", "--json").stdout)
         assert audit and first[0].SOPInstanceUID in audit[0]["detail"]["result_uids"]
+        # supersede = "iocm": Orthanc also got an IHE IOCM rejection note for the first SEG and SR
+        notes = wait_for(lambda: results_in(orthanc, phantom.study_uid, KOS_CLASS), "the rejection note in Orthanc")
+        assert len(notes) == 1 and notes[0].ConceptNameCodeSequence[0].CodeValue == "113001"
+        assert rejected_by(notes[0]) == superseded
         # The same input again (a re-send of all 40) changes nothing: the same UIDs, no third SEG.
         storescu(dcmtk, node, files)
         wait_for(lambda: jobs(node)[0]["status"] == "done" and jobs(node)[0]["attempts"] >= 1
                  and len([d for d in jobs(node)[0]["deliveries"] if d["status"] == "done"]) >= 3,
                  "the re-send processed")
         assert len(results_in(orthanc, phantom.study_uid, SEG_CLASS)) == 2
-        for ds in segs + srs:
+        assert len(results_in(orthanc, phantom.study_uid, KOS_CLASS)) == 1      # and no second note
+        for ds in segs + srs + notes:
             path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
             ds.save_as(path)
             subprocess.run(["bash", str(VALIDATOR), str(path)],
                            check=True, capture_output=True)
+    finally:
+        node.stop()
+
+
+def test_a_failed_re_run_withdraws_the_earlier_result(dcmtk, orthanc, models_dir, tmp_path):
+    """A late instance that breaks the series (a second slice at the same position) makes the
+    re-run fail: the earlier SEG and SR are withdrawn (the audit says so) and a rejection note
+    tells the PACS."""
+    node = node_for(tmp_path, models_dir, [{"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                                            "port": orthanc.dicom_port, "supersede": "iocm"}], ["pacs"])
+    try:
+        phantom = make_ct_series(tmp_path / "ct", slices=12, size=48)
+        storescu(dcmtk, node, phantom.files)
+        wait_for(lambda: len(results_in(orthanc, phantom.study_uid, SR_CLASS)) == 1, "the first results in Orthanc")
+        first = {ds.SOPInstanceUID for cls in (SEG_CLASS, SR_CLASS) for ds in results_in(orthanc, phantom.study_uid, cls)}
+        twin = pydicom.dcmread(phantom.files[0])
+        twin.SOPInstanceUID = twin.file_meta.MediaStorageSOPInstanceUID = twin.SOPInstanceUID + ".1"
+        twin.save_as(tmp_path / "twin.dcm")
+        storescu(dcmtk, node, [tmp_path / "twin.dcm"])             # same position as another slice
+        wait_for(lambda: jobs(node)[0]["status"] == "failed", "the re-run failed")
+        assert "duplicate" in jobs(node)[0]["error"].lower(), jobs(node)[0]["error"]
+        notes = wait_for(lambda: results_in(orthanc, phantom.study_uid, KOS_CLASS), "the rejection note")
+        assert len(first) == 2 and rejected_by(notes[0]) == first
+        audit = json.loads(node.cli("audit", "--action", "withdrawn", "--json").stdout)
+        assert audit and set(audit[0]["detail"]["result_uids"]) == first
+        assert "re-run failed" in audit[0]["detail"]["why"]
     finally:
         node.stop()
 

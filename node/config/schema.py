@@ -9,6 +9,7 @@ by :mod:`node.config.rules`. A running node reads a new configuration on SIGHUP 
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import socket
@@ -138,6 +139,7 @@ class Destination:
     url: str = ""
     token_file: str = ""
     ca_file: str = ""
+    supersede: str = "record"             # record | iocm: also send a rejection note (KOS) for results withdrawn
 
     def describe(self) -> str:
         return self.url if self.type == "dicomweb" else f"{self.ae_title}@{self.host}:{self.port}"
@@ -235,6 +237,24 @@ class Config:
 
     def destination_for_ae(self, ae_title: str) -> Destination | None:
         return next((d for d in self.destinations if d.ae_title == ae_title), None)
+
+    def resolve_destination(self, name: str) -> Destination:
+        """The destination a delivery names; ``@origin:<AE>`` is the one with that AE title.
+
+        Raises:
+            ConfigError: no such destination (with what to configure).
+        """
+        if name.startswith(ORIGIN + ":"):
+            aet = name.split(":", 1)[1]
+            dest = self.destination_for_ae(aet)
+            if dest is None:
+                raise ConfigError(f"@origin: the sender {aet!r} is not a configured destination (add a "
+                                  f"[[destinations]] with ae_title = {aet!r}, reload, then ainode retry)")
+            return dest
+        try:
+            return self.destination(name)
+        except ConfigError:
+            raise ConfigError(f"destination {name!r} is no longer configured") from None
 
 
 def load_config(path: Path | None) -> Config:
@@ -493,7 +513,17 @@ def _check_notify(notify: NotifySection) -> None:
                               f"(known: {', '.join('{' + x + '}' for x in LINK_FIELDS)})")
 
 
+SUPERSEDE = ("record", "iocm")
+
+
 def _destination(t: Table) -> Destination:
+    supersede = t.get("supersede", str, "record")
+    if supersede not in SUPERSEDE:
+        raise ConfigError(f"{t.where}.supersede: {supersede!r} is not one of {', '.join(SUPERSEDE)}")
+    return dataclasses.replace(_destination_kind(t), supersede=supersede)
+
+
+def _destination_kind(t: Table) -> Destination:
     kind = t.get("type", str, "dimse")
     if kind == "dicomweb":
         url = t.require("url", str).strip()

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from node.config.schema import ORIGIN, Config, Destination
+from node.config.schema import Config
 from node.dicom.deliver import Peer, send_files
 from node.dicom.stow_client import stow_files
 from node.errors import ConfigError, NodeError
@@ -48,14 +48,13 @@ class Dispatcher(ClaimStage[DeliveryRow]):
         cfg = config.delivery
         where = f"delivery {delivery.id} ({delivery.kind} to {delivery.destination})"
         try:
-            dest = _destination(config, delivery.destination)
+            dest = config.resolve_destination(delivery.destination)
         except ConfigError as exc:
             self.db.defer_delivery(delivery.id, str(exc), None)
             self.metrics.delivered(delivery.destination, False)
             log.error("%s failed: %s", where, exc)
             return
-        files = (self.db.job_results(delivery.job_id) if delivery.job_id is not None
-                 else self.db.series_paths(delivery.series_id))
+        files = self.db.delivery_files(delivery)
         t = time.perf_counter()
         try:
             if dest.type == "dicomweb":
@@ -87,23 +86,3 @@ class Dispatcher(ClaimStage[DeliveryRow]):
             self.db.defer_delivery(delivery.id, error, time.time() + delay)
             self.db.hold_destination(delivery.destination, time.time() + delay)
             log.warning("%s attempt %d failed: %s; next try in %.0f s", where, delivery.attempts, error, delay)
-
-
-def _destination(config: Config, name: str) -> Destination:
-    """The configured destination of a delivery; ``@origin:<AE>`` is looked up again, so one
-    whose sender was configured since (and reloaded) goes out on retry.
-
-    Raises:
-        ConfigError: no such destination (with what to configure).
-    """
-    if name.startswith(ORIGIN + ":"):
-        aet = name.split(":", 1)[1]
-        dest = config.destination_for_ae(aet)
-        if dest is None:
-            raise ConfigError(f"@origin: the sender {aet!r} is not a configured destination (add a "
-                              f"[[destinations]] with ae_title = {aet!r}, reload, then ainode retry)")
-        return dest
-    try:
-        return config.destination(name)
-    except ConfigError:
-        raise ConfigError(f"destination {name!r} is no longer configured") from None

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
@@ -469,6 +470,59 @@ def _algorithm_family(algorithm: Algorithm) -> Code:
         if code.meaning.lower() == algorithm.family.lower():
             return code
     return codes.cid7162.ArtificialIntelligence
+
+
+REJECTION_SERIES_NUMBER = 9904
+#: IHE IOCM's reason for withdrawing a result that is no longer current (PS3.16 CID 7011).
+REJECTED_FOR_QUALITY_REASONS = Code("113001", "DCM", "Rejected for Quality Reasons")
+_PATIENT_STUDY = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
+                  "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName")
+
+
+def encode_rejection(source: pydicom.Dataset, rejected: Sequence[dict[str, str]], manifest: ModelManifest,
+                     key: str, why: str) -> pydicom.Dataset:
+    """An IHE IOCM rejection note: a Key Object Selection "Rejected for Quality Reasons" that
+    references result objects the node made and no longer stands by (superseded by a re-run
+    with other input, or a re-run that failed). ``rejected`` holds ``sop_class_uid``,
+    ``sop_instance_uid``, ``series_instance_uid`` and ``modality`` of each; ``source`` (an
+    image of the series) gives the patient and study; ``key`` makes the note's UIDs.
+
+    Raises:
+        InputError: nothing to reject.
+    """
+    if not rejected:
+        raise InputError("encode: a rejection note needs the objects it rejects")
+    references = []
+    for obj in rejected:
+        ref = Dataset()
+        for keyword in ("SpecificCharacterSet", *_PATIENT_STUDY):
+            if keyword in source:
+                setattr(ref, keyword, source.get(keyword))
+        ref.SOPClassUID, ref.SOPInstanceUID = obj["sop_class_uid"], obj["sop_instance_uid"]
+        ref.SeriesInstanceUID, ref.Modality = obj["series_instance_uid"], obj.get("modality", "OT")
+        references.append(ref)
+    algorithm = manifest.algorithm
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derive_uid("device", algorithm.manufacturer, algorithm.name, algorithm.version),
+            name=_lo(algorithm.name), manufacturer_name=_lo(algorithm.manufacturer),
+            model_name=_lo(manifest.name)))
+    content = hd.ko.KeyObjectSelection(document_title=REJECTED_FOR_QUALITY_REASONS, referenced_objects=references,
+                                       observer_device_context=observer, description=_lo(why))
+    note = hd.ko.KeyObjectSelectionDocument(
+        evidence=references, content=content, series_instance_uid=derive_uid(key, "rejection-series"),
+        series_number=REJECTION_SERIES_NUMBER, sop_instance_uid=derive_uid(key, "rejection-instance"),
+        instance_number=1, manufacturer=MANUFACTURER)
+    # TID 2010 forbids a concept name on a COMPOSITE reference (highdicom adds "Source").
+    for item in note.ContentSequence:
+        if item.ValueType == "COMPOSITE" and "ConceptNameCodeSequence" in item:
+            del item.ConceptNameCodeSequence
+    if "SpecificCharacterSet" in source:         # the patient's name is in the source's character set
+        note.SpecificCharacterSet = source.SpecificCharacterSet
+    note.SeriesDescription = _lo(f"AI rejection note {manifest.name}")
+    note.SoftwareVersions = _software_versions(manifest)
+    return note
 
 
 def _code(code: ManifestCode) -> Code:

@@ -104,6 +104,33 @@ class QueueQueries(DataPaths):
                 kind="forward", series_id=series_id, destination=dest, status=DeliveryStatus.PENDING.value,
                 priority=priority, next_attempt_at=now, created_at=now))
 
+    def delivery_files(self, delivery: DeliveryRow) -> list[str]:
+        """What a delivery sends: its own files, or its job's results, or its series."""
+        if delivery.files:
+            return [self.from_db(f) for f in json.loads(delivery.files)]
+        if delivery.job_id is not None:
+            return self.job_results(delivery.job_id)
+        return self.series_paths(delivery.series_id)    # type: ignore[attr-defined]
+
+    def result_destinations(self, job_id: int) -> list[str]:
+        """The destinations a job's results were delivered to (by any run of it)."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(Delivery.destination).where(
+                Delivery.job_id == job_id, Delivery.kind == "result",
+                Delivery.status == DeliveryStatus.DONE.value).distinct().order_by(Delivery.destination)).scalars())
+
+    def queue_files(self, job_id: int, kind: str, files: Sequence[str], destinations: Iterable[str],
+                    priority: int) -> None:
+        """Queue a delivery of ``files`` (a rejection note, say) to each destination."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            series_id = conn.execute(select(Job.series_id).where(Job.id == job_id)).scalar_one()
+            for dest in dict.fromkeys(destinations):
+                conn.execute(self._insert(Delivery).values(
+                    kind=kind, job_id=job_id, series_id=series_id, destination=dest, priority=priority,
+                    status=DeliveryStatus.PENDING.value, next_attempt_at=now, created_at=now,
+                    files=json.dumps([self.to_db(f) for f in files])))
+
     def fail_job(self, job_id: int, error: str, retry: bool = False) -> None:
         status = JobStatus.QUEUED if retry else JobStatus.FAILED
         with self.engine.begin() as conn:
@@ -143,7 +170,7 @@ class QueueQueries(DataPaths):
         now = time.time() if now is None else now
         row = self._claim_due(Delivery, now, lease_s, (
             Delivery.id, Delivery.kind, Delivery.job_id, Delivery.series_id, Delivery.destination,
-            Delivery.attempts, Delivery.priority))
+            Delivery.attempts, Delivery.priority, Delivery.files))
         return None if row is None else DeliveryRow(*row)
 
     def finish_delivery(self, delivery_id: int) -> None:

@@ -135,7 +135,7 @@ class Job(Base):
 class Delivery(Base):
     __tablename__ = "deliveries"
     id: Mapped[int] = mapped_column(primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))          # "result" or "forward"
+    kind: Mapped[str] = mapped_column(String(16))          # "result", "forward" or "rejection"
     priority: Mapped[int] = mapped_column(Integer, default=ROUTINE)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"))
@@ -146,6 +146,7 @@ class Delivery(Base):
     created_at: Mapped[float] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str] = mapped_column(Text, default="")
+    files: Mapped[str] = mapped_column(Text, default="")   # JSON list, for a rejection note; else the job's or series' files
 
 
 class NodeEntry(Base):
@@ -280,6 +281,7 @@ class DeliveryRow:
     destination: str
     attempts: int
     priority: int = ROUTINE
+    files: str = ""                    # JSON list of files (relative to data_dir) when the delivery names its own
 
 
 @dataclass(frozen=True)
