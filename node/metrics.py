@@ -68,6 +68,8 @@ class Metrics:
                                              registry=r)
         self.model_info = Gauge("ainode_model_info", "Loaded models: 1 per model, version and provider",
                                 ["model", "version", "provider"], registry=r)
+        self.node_info = Gauge("ainode_node_info", "This node: 1, with its name and role", ["name", "role"],
+                               registry=r)
         self.http_requests = Counter("ainode_http_requests", "HTTP requests by route and status",
                                      ["route", "status"], registry=r)
 

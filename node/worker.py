@@ -342,13 +342,14 @@ class Node:
     def __init__(self, config: Config) -> None:
         config.node.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = FileStore(config.node.data_dir, fsync=config.ingest.fsync, owner=config.node.name)
-        self.db = Database(config.node.effective_database_url, root=config.node.data_dir)
+        self.db = Database(config.node.effective_database_url, root=config.node.data_dir, node=config.node.name)
         self.db.create()
         models, stamps = load_models(config)
         self._state = NodeState(config, models, stamps)
         self._reload_lock = threading.Lock()
         self.metrics = Metrics()
         self.metrics.models_loaded({name: rt.describe() for name, rt in models.items()})
+        self.metrics.node_info.labels(config.node.name, config.node.role).set(1)
         self.ingest = Ingest(config, self.store, self.db, self.metrics)
         self._client_tls = client_context(config.tls) if any(d.tls for d in config.destinations) else None
         self._stop = threading.Event()

@@ -10,10 +10,12 @@ for what it cannot record), and the nodes carry on when it is back."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 
@@ -128,6 +130,12 @@ def test_two_workers_share_the_work_and_every_result_arrives_once(cluster, dcmtk
     text = ingest.cli("status").stdout
     assert "gpu-b (worker)" in text and "alive, heartbeat" in text
     assert "runs on CPUExecutionProvider" not in ingest.log_text()  # an ingest node loads no model
+    http_port = int(re.search(r"port = (\d+)", ingest.config.read_text().split("[http]")[1]).group(1))
+    page = httpx.get(f"http://127.0.0.1:{http_port}/", timeout=30).text     # the dashboard lists the nodes
+    assert all(f"<b>{name}</b></td><td>{role}</td>" in page
+               for name, role in (("ingest-1", "ingest"), ("gpu-a", "worker"), ("gpu-b", "worker")))
+    audit = json.loads(ingest.cli("audit", "--action", "result", "--json").stdout)
+    assert {a["detail"]["node"] for a in audit} == {"gpu-a", "gpu-b"}  # the audit names the node
 
 
 def test_a_dead_workers_job_is_taken_over_and_delivered_once(cluster, dcmtk, tmp_path):

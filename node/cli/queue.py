@@ -56,7 +56,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"]))
         print(f"#{r['id']:<5} {when}  {r['status']:8s} {PRIORITY_NAMES.get(r['priority'], '?'):8s} {r['model']:16s} "
-              f"{r['modality']:3s} {r['description'][:30]:30s} acc={r['accession']}")
+              f"{r['modality']:3s} {r['description'][:30]:30s} acc={r['accession']}"
+              + (f" on {r['worker']}" if r.get("worker") else ""))
         if r["error"]:
             print(f"       error: {r['error']}")
         for name, value in r["summary"].get("volumes_ml", {}).items():

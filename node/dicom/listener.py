@@ -282,7 +282,7 @@ def serve_ingest_only(config: Config) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # the main process decides when to stop
-    db = Database(config.node.effective_database_url, root=config.node.data_dir)
+    db = Database(config.node.effective_database_url, root=config.node.data_dir, node=config.node.name)
     store = FileStore(config.node.data_dir, fsync=config.ingest.fsync, owner=config.node.name)
     ingest = Ingest(config, store, db)
     ingest.start(reuse_port=True)

@@ -302,12 +302,7 @@ def _report(sources: Sequence[pydicom.Dataset], results: Sequence[pydicom.Datase
             series_number: int) -> hd.sr.Comprehensive3DSR:
     """A Comprehensive 3D SR with a TID 1500 Measurement Report of ``groups``."""
     algorithm = manifest.algorithm
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.cid270.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=derive_uid("device", algorithm.manufacturer, algorithm.name, algorithm.version),
-            name=_lo(algorithm.name), manufacturer_name=_lo(algorithm.manufacturer),
-            model_name=_lo(manifest.name)))
+    observer = _device_observer(manifest)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_PROCEDURES.get(str(sources[0].get("Modality", "")),
@@ -501,13 +496,7 @@ def encode_rejection(source: pydicom.Dataset, rejected: Sequence[dict[str, str]]
         ref.SOPClassUID, ref.SOPInstanceUID = obj["sop_class_uid"], obj["sop_instance_uid"]
         ref.SeriesInstanceUID, ref.Modality = obj["series_instance_uid"], obj.get("modality", "OT")
         references.append(ref)
-    algorithm = manifest.algorithm
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.cid270.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=derive_uid("device", algorithm.manufacturer, algorithm.name, algorithm.version),
-            name=_lo(algorithm.name), manufacturer_name=_lo(algorithm.manufacturer),
-            model_name=_lo(manifest.name)))
+    observer = _device_observer(manifest)
     content = hd.ko.KeyObjectSelection(document_title=REJECTED_FOR_QUALITY_REASONS, referenced_objects=references,
                                        observer_device_context=observer, description=_lo(why))
     note = hd.ko.KeyObjectSelectionDocument(
@@ -523,6 +512,17 @@ def encode_rejection(source: pydicom.Dataset, rejected: Sequence[dict[str, str]]
     note.SeriesDescription = _lo(f"AI rejection note {manifest.name}")
     note.SoftwareVersions = _software_versions(manifest)
     return note
+
+
+def _device_observer(manifest: ModelManifest) -> hd.sr.ObserverContext:
+    """The model as the observer of an SR or KOS (a device, named by its algorithm)."""
+    algorithm = manifest.algorithm
+    return hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derive_uid("device", algorithm.manufacturer, algorithm.name, algorithm.version),
+            name=_lo(algorithm.name), manufacturer_name=_lo(algorithm.manufacturer),
+            model_name=_lo(manifest.name)))
 
 
 def _code(code: ManifestCode) -> Code:

@@ -83,8 +83,9 @@ class Database(QueueQueries, EvidenceQueries, ReportQueries, CatalogueQueries, C
     reports in :mod:`node.storage.reports`: together they are every query of the node.
     """
 
-    def __init__(self, url: str, root: Path | None = None) -> None:
+    def __init__(self, url: str, root: Path | None = None, node: str = "") -> None:
         self.url = url
+        self.node = node                  # node.name: recorded with each audit event of this node
         self.root = root.resolve() if root is not None else None
         # pre-ping: a server database that restarted leaves dead connections in the pool
         self.engine: Engine = create_engine(url, future=True, pool_pre_ping=not url.startswith("sqlite"))
@@ -325,6 +326,8 @@ class Database(QueueQueries, EvidenceQueries, ReportQueries, CatalogueQueries, C
 
     # ----------------------------------------------------------------- audit
     def audit(self, actor: str, action: str, subject: str, **detail: Any) -> None:
+        if self.node:
+            detail.setdefault("node", self.node)
         with self.engine.begin() as conn:
             conn.execute(self._insert(AuditEvent).values(
                 at=time.time(), actor=actor[:128], action=action[:32], subject=subject[:128],
