@@ -183,3 +183,25 @@ def test_the_database_restarting_during_traffic(cluster, dcmtk, tmp_path):
     files = list((cluster.data / "images").rglob("*.dcm"))
     assert len(files) == 2 * SLICES                                 # no file without its row
     assert "Traceback" not in ingest.log_text()
+
+
+def test_an_ingest_node_killed_mid_study_loses_nothing_acknowledged(cluster, dcmtk, tmp_path):
+    """Half a series to one ingest node, which is then SIGKILLed; the rest to the other: the
+    series is complete with every acknowledged instance and its job sees all of them."""
+    first, second = cluster.start("ingest-1", "ingest"), cluster.start("ingest-2", "ingest")
+    cluster.start("gpu-a", "worker")
+    s = make_ct_series(tmp_path / "split", slices=2 * SLICES, size=SIZE, accession="SPLIT1", seed=30)
+    half = len(s.files) // 2
+    assert send(dcmtk, first, s.files[:half]).returncode == 0
+    first.kill()
+    assert send(dcmtk, second, s.files[half:]).returncode == 0
+    job = wait_for(lambda: next((j for j in cluster.jobs() if j["status"] == "done"), None), "the job done")
+    db = Database(cluster.url, root=cluster.data)
+    try:
+        detail = db.job_detail(job["id"])
+        paths = db.series_paths(detail["series_id"])
+    finally:
+        db.close()
+    assert detail["instances"] == 2 * SLICES and len(paths) == 2 * SLICES
+    assert all(Path(p).is_file() for p in paths)
+    assert job["summary"]["slices"] == 2 * SLICES           # the model saw the whole series
