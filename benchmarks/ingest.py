@@ -7,8 +7,10 @@ The first form splits one series over 1, 2, 4 associations. ``--load N`` is the 
 N senders at once, each with its own series, each on its own association; afterwards every
 instance must be stored once and every series assembled once.
 
-DCMTK's storescu sends a synthetic CT series over loopback, once to DCMTK's storescp
-(the reference: writes files, no database) and once to ``ainode serve`` (atomic files plus a
+DCMTK's storescu sends a synthetic CT series over loopback to DCMTK's storescp (the
+reference: writes files, no database), to Orthanc (Debian package: 128 KiB PDU,
+SyncStorageArea, TCP_NODELAY), to pynetdicom receiving and discarding (its floor), and to
+``ainode serve`` (atomic files plus a
 committed SQLite row before each acknowledgement). All DCMTK tools run with TCP_NODELAY=1.
 Prints instances/s and MB/s for each, and the ratio. Figures, not assertions.
 """
@@ -16,6 +18,7 @@ Prints instances/s and MB/s for each, and the ratio. Figures, not assertions.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,6 +98,57 @@ def run_storescp(files: list[Path], work: Path, parallel: int) -> float:
     return seconds
 
 
+def run_orthanc(files: list[Path], work: Path, parallel: int) -> float:
+    """Orthanc from the Debian package, tuned as the references are quoted: 128 KiB PDU,
+    SyncStorageArea (its durability), TCP_NODELAY."""
+    folder = work / "orthanc"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    port, http = free_port(), free_port()
+    config = {"Name": "bench", "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": http,
+              "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+              "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
+              "MaximumPduLength": 131072, "SyncStorageArea": True, "DicomAlwaysAllowStore": True,
+              "DicomCheckCalledAet": False, "SaveJobs": False}
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    proc = subprocess.Popen(["/usr/sbin/Orthanc", str(folder / "orthanc.json")], cwd=folder, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        seconds = send(files, "ORTHANC", port, parallel)
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/statistics", timeout=30) as r:
+            stored = json.loads(r.read())["CountInstances"]
+    finally:
+        proc.terminate()
+        proc.wait()
+    assert stored == _count(files), f"Orthanc stored {stored} of {_count(files)}"
+    return seconds
+
+
+#: pynetdicom receiving and discarding: the floor of what pynetdicom itself can receive.
+_FLOOR = """
+import sys
+from pynetdicom import AE, evt, AllStoragePresentationContexts, ALL_TRANSFER_SYNTAXES
+ae = AE("FLOOR")
+ae.maximum_pdu_size = 1048576
+for cx in AllStoragePresentationContexts:
+    ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE, lambda e: 0x0000)])
+"""
+
+
+def run_floor(files: list[Path], work: Path, parallel: int) -> float:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _FLOOR, str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        return send(files, "FLOOR", port, parallel)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def _count(files) -> int:
     return sum(len(f) for f in files) if isinstance(files[0], list) else len(files)
 
@@ -150,10 +205,13 @@ def main() -> None:
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"series: {len(files)} CT instances of {args.size}x{args.size}, {mb:.1f} MB "
               f"(made in {time.perf_counter() - t:.1f} s); {os.cpu_count()} CPUs; median of {args.repeat} runs")
-        print(f"{'receiver':34s} {'assoc':>5s} {'seconds':>8s} {'inst/s':>8s} {'MB/s':>8s} {'x storescp':>10s}")
+        print(f"{'receiver':34s} {'assoc':>5s} {'seconds':>8s} {'inst/s':>8s} {'MB/s':>8s} {'x storescp':>10s} "
+              f"{'x Orthanc':>9s}")
         for parallel in args.parallel:
             ref = statistics.median(run_storescp(files, work, parallel) for _ in range(args.repeat))
-            rows = [("DCMTK storescp", ref)]
+            orthanc = statistics.median(run_orthanc(files, work, parallel) for _ in range(args.repeat))
+            floor = statistics.median(run_floor(files, work, parallel) for _ in range(args.repeat))
+            rows = [("DCMTK storescp", ref), ("Orthanc (tuned)", orthanc), ("pynetdicom, receive and discard", floor)]
             for fsync, http in ((True, True), (True, False), (False, True)):
                 seconds = statistics.median(run_node(files, work, parallel, fsync, http=http)
                                             for _ in range(args.repeat))
@@ -161,7 +219,7 @@ def main() -> None:
                              seconds))
             for name, seconds in rows:
                 print(f"{name:34s} {parallel:5d} {seconds:8.2f} {len(files) / seconds:8.0f} {mb / seconds:8.1f} "
-                      f"{ref / seconds:10.2f}")
+                      f"{ref / seconds:10.2f} {orthanc / seconds:9.2f}")
 
 
 def load_test(args: argparse.Namespace) -> None:
