@@ -6,6 +6,7 @@ status and failure reason with nothing half-stored."""
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -45,7 +46,7 @@ class WebNode:
             "inference": {"models_dir": str(models), "providers": ["CPUExecutionProvider"]},
             "delivery": {"max_attempts": 3, "backoff_s": 0.2, "timeout_s": 10},
             "http": {"host": "127.0.0.1", "port": self.http_port, "tokens_file": str(tokens),
-                     "max_upload_mb": max_upload_mb},
+                     "max_upload_mb": max_upload_mb, "idle_timeout_s": 2.0},
             "destinations": destinations,
             "routes": [{"name": "ct", "match": {"Modality": "CT"}, "models": ["ct-tissue"], "send_to": send_to}],
         })
@@ -208,6 +209,26 @@ def test_bad_stow_requests_get_their_status_and_store_nothing(site, tmp_path):
     log = site.node.log_text()
     assert "STOW-RS from WEBSENDER at 127.0.0.1 refused 413" in log
     assert "cut short" in log and "Traceback" not in log
+
+
+def test_a_stalled_upload_is_cut_and_stores_nothing(site, tmp_path):
+    """A client that sends part of a body and then nothing is answered 408 after
+    http.idle_timeout_s (2 s here); nothing is stored and no temporary file is left."""
+    import socket
+    phantom = make_ct_series(tmp_path / "ct", slices=1, size=32, accession="WEBSTALL")
+    body = multipart([phantom.files[0].read_bytes()])
+    before = site.stored()
+    with socket.create_connection(("127.0.0.1", site.http_port), timeout=60) as sock:
+        sock.sendall((f"POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {CT}\r\n"
+                      f"Authorization: Bearer {TOKENS['sender']}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+                     + body[:len(body) // 2])
+        started = time.monotonic()
+        answer = sock.recv(4096).decode(errors="replace")
+        waited = time.monotonic() - started
+    assert answer.startswith("HTTP/1.1 408"), answer[:200]
+    assert 1.5 < waited < 30
+    assert site.stored() == before and site.tmp_files() == []
+    assert "no data for 2 s" in site.node.log_text()
 
 
 def test_stow_client_reports_per_instance_refusals(site, tmp_path):

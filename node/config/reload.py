@@ -19,7 +19,7 @@ RESTART_KEYS = ("node.ae_title", "node.name", "node.role", "node.heartbeat_s", "
                 "ingest.max_pdu_size", "ingest.association_timeout_s", "ingest.max_associations_per_address",
                 "ingest.fsync", "ingest.processes", "tls.enabled", "tls.cert_file", "tls.key_file",
                 "tls.ca_file", "tls.require_client_cert", "http.enabled", "http.host", "http.port",
-                "http.tokens_file", "http.max_upload_mb", "inference.device_id", "inference.cpu_threads")
+                "http.tokens_file", "http.max_upload_mb", "http.idle_timeout_s", "inference.device_id", "inference.cpu_threads")
 
 
 def _setting(config: Config, key: str) -> Any:

@@ -111,6 +111,7 @@ class HttpSection:
     port: int = 8080
     tokens_file: str = ""            # lines "<role> [<name>] <token>"
     max_upload_mb: int = 4096        # the largest STOW-RS request body
+    idle_timeout_s: float = 30.0     # a request body that sends nothing for this long is cut (408)
 
 
 @dataclass(frozen=True)
@@ -359,7 +360,8 @@ def parse_config(data: dict[str, Any]) -> Config:
     h = top.table("http")
     http = HttpSection(enabled=h.get("enabled", bool, True), host=h.get("host", str, "127.0.0.1"),
                        port=_port(h.get("port", int, 8080), "http.port"), tokens_file=h.get("tokens_file", str, ""),
-                       max_upload_mb=h.positive("max_upload_mb", int, 4096))
+                       max_upload_mb=h.positive("max_upload_mb", int, 4096),
+                       idle_timeout_s=h.positive("idle_timeout_s", float, 30.0))
     h.done()
     if http.enabled and not http.tokens_file and not is_loopback(http.host):
         raise ConfigError(f"http.host: {http.host!r} is not a loopback address; set http.tokens_file "

@@ -2,7 +2,7 @@
 
 The body (``multipart/related; type="application/dicom"``) is streamed to disk, each part
 into its own temporary file under ``data_dir/tmp``, never held in memory. Only a body that
-arrived whole is stored: a body cut short, malformed, idle for ``IDLE_S`` or larger than
+arrived whole is stored: a body cut short, malformed, idle for ``http.idle_timeout_s`` or larger than
 ``http.max_upload_mb`` stores nothing. Each part then takes the same path as a C-STORE
 (:class:`node.dicom.intake.Intake`: the same checks, atomic file, row committed) before the
 response, which is the Store Instances Response: 200 all stored, 202 some, 409 none.
@@ -38,8 +38,6 @@ log = logging.getLogger("node.web.stow")
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
 DICOM_JSON = "application/dicom+json"
-#: A body that sends nothing for this long is cut (a slow or stalled client frees its slot).
-IDLE_S = 30.0
 MAX_PARTS = 10_000
 MAX_PART_HEADERS = 16 * 1024           # bytes of header lines per part
 MAX_BOUNDARY = 200                     # RFC 2046 says 70; some senders use longer ones
@@ -182,7 +180,7 @@ async def stow(request: Request, study: str = "") -> JSONResponse:
     writer = PartWriter(node.store, boundary, part_type)
     intake: Intake = node.ingest.intake
     try:
-        await _receive(request, writer, limit, intake)
+        await _receive(request, writer, limit, intake, node.config.http.idle_timeout_s)
         sender = Sender(who.name, node.config.node.ae_title, address)
         outcomes = await run_in_threadpool(_store_parts, node, intake, writer.parts, sender, study)
     except BodyError as exc:
@@ -201,16 +199,16 @@ async def stow(request: Request, study: str = "") -> JSONResponse:
     return JSONResponse(_store_response(base, study, outcomes), status_code=status, media_type=DICOM_JSON)
 
 
-async def _receive(request: Request, writer: PartWriter, limit: int, intake: Intake) -> None:
+async def _receive(request: Request, writer: PartWriter, limit: int, intake: Intake, idle_s: float) -> None:
     received, checked = 0, 0
     stream = request.stream().__aiter__()
     while True:
         try:
-            chunk = await asyncio.wait_for(stream.__anext__(), IDLE_S)
+            chunk = await asyncio.wait_for(stream.__anext__(), idle_s)
         except StopAsyncIteration:
             break
         except asyncio.TimeoutError:
-            raise BodyError(408, f"no data for {IDLE_S:.0f} s") from None
+            raise BodyError(408, f"no data for {idle_s:g} s (http.idle_timeout_s)") from None
         received += len(chunk)
         if received > limit:
             raise BodyError(413, f"the body exceeds http.max_upload_mb ({limit // 1048576} MB)")
