@@ -386,7 +386,8 @@ class Node:
         job = self.infer.current
         parts = []
         if self.config.node.ingests:
-            parts.append(f"{len(self.ingest.ae.active_associations)} associations")
+            n = len(self.ingest.ae.active_associations)
+            parts.append(f"{n} association{'' if n == 1 else 's'}")
         if self.config.node.infers:
             parts.append(f"job {job.id} ({job.model})" if job is not None else "idle")
         return ", ".join(parts)
