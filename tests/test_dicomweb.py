@@ -143,6 +143,9 @@ def test_dicomweb_client_stores_searches_and_retrieves(site, tmp_path):
     response = httpx.get(f"{site.web}/studies", params={"PatientID": "WEB-PATIENT-1", "Colour": "blue"},
                          headers={"Authorization": f"Bearer {TOKENS['viewer']}"}, timeout=30)
     assert response.status_code == 200 and "Colour" in response.headers["warning"]
+    odd = httpx.get(f"{site.web}/studies?bad%0d%0aX-Injected:%20yes=1",
+                    headers={"Authorization": f"Bearer {TOKENS['viewer']}"}, timeout=30)
+    assert odd.status_code == 200 and "x-injected" not in odd.headers
 
 
 def test_roles_for_dicomweb(site, tmp_path):

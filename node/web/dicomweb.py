@@ -55,7 +55,7 @@ class Search:
             if name in allowed:
                 self.keys[name] = value
             else:
-                self.ignored.append(key[:64])
+                self.ignored.append(re.sub(r"[^A-Za-z0-9_.-]", "?", key[:64]))   # safe in a header
         self.limit = _int(request.query_params.get("limit"), DEFAULT_LIMIT, "limit", 1, MAX_LIMIT)
         self.offset = _int(request.query_params.get("offset"), 0, "offset", 0, 10**9)
         if request.query_params.get("fuzzymatching", "false").lower() == "true":
