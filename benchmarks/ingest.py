@@ -161,7 +161,7 @@ def run_node(files, work: Path, parallel: int, fsync: bool, processes: int = 1,
     config = work / "bench.toml"
     config.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data}"\nname = "bench"\n'
                       f'[ingest]\nseries_timeout_s = {timeout_s}\nmin_free_disk_mb = 100\nfsync = {str(fsync).lower()}\n'
-                      f'processes = {processes}\n'
+                      f'processes = {processes}\nmax_associations_per_address = 64\n'
                       f'[http]\nenabled = {str(http).lower()}\nport = {free_port()}\n')
     proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--log-level", "WARNING", "serve", "--config",
                              str(config)], cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
