@@ -26,7 +26,7 @@ from nodeproc import NodeProcess, wait_for, write_config
 from slowmodel import build_slow_model
 
 SLICES, SIZE = 8, 64
-HEARTBEAT_S, STALL_S = 1.0, 4.0
+HEARTBEAT_S, STALL_S = 1.0, 6.0
 
 
 @pytest.fixture(scope="module")
