@@ -131,3 +131,36 @@ def test_orthanc_factory_with_own_options(dcmtk, orthanc_factory):
     assert pacs.get("/system")["DicomAet"] == "PACS"
     assert pacs.get("/modalities") == ["node"]
     dcmtk.run("echoscu", "-aec", "PACS", pacs.host, pacs.dicom_port)
+
+
+def test_a_response_is_taken_only_by_the_thread_that_waits_for_it(storescp):
+    """pynetdicom's association thread polls the DIMSE queue too; on a loaded machine it once
+    took a C-STORE response meant for the sender (the delivery then timed out and was sent
+    twice). On our associations that poll never takes a response; the waiting sender does."""
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.sop_class import Verification
+    from node.dicom.deliver import keep_responses_for_the_sender
+
+    scp = storescp("STORESCP")
+    ae = AE("PROBE")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title=scp.aet)
+    assert assoc.is_established
+    try:
+        keep_responses_for_the_sender(assoc)
+        response = C_STORE()
+        response.MessageIDBeingRespondedTo = 7
+        request = C_STORE()
+        request.MessageID = 8
+        assoc._reactor_checkpoint.clear()             # keep pynetdicom's own poll out of the way
+        while not assoc._is_paused:
+            pass
+        assoc.dimse.msg_queue.put((1, response))
+        assert assoc.dimse.get_msg(block=False) == (None, None)     # the poll leaves it
+        assert assoc.dimse.get_msg(block=True) == (1, response)     # the waiting sender gets it
+        assoc.dimse.msg_queue.put((1, request))
+        assert assoc.dimse.get_msg(block=False) == (1, request)     # requests still reach the poll
+        assoc._reactor_checkpoint.set()
+    finally:
+        assoc.release()

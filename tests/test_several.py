@@ -114,7 +114,10 @@ def test_two_workers_share_the_work_and_every_result_arrives_once(cluster, dcmtk
     wait_for(lambda: len(cluster.pacs.files()) >= 8, "8 results (SEG + SR per series) at the PACS")
     time.sleep(2 * HEARTBEAT_S)                                     # a duplicate would arrive by now
     uids = received_uids(cluster.pacs)
-    assert len(uids) == 8 and len(set(uids)) == 8                   # each result once
+    # Each result once; delivery is at least once, so only a logged failed attempt may resend
+    # (the same objects, the same UIDs).
+    retries = sum(d["attempts"] - 1 for j in cluster.jobs() for d in j["deliveries"])
+    assert len(set(uids)) == 8 and 8 <= len(uids) <= 8 + 2 * retries, (len(uids), retries)
     # the paths in the database are relative to the shared data_dir
     db = Database(cluster.url)
     try:
@@ -155,7 +158,8 @@ def test_a_dead_workers_job_is_taken_over_and_delivered_once(cluster, dcmtk, tmp
     wait_for(lambda: len(cluster.pacs.files()) >= 2, "SEG and SR at the PACS")
     time.sleep(2 * HEARTBEAT_S)
     uids = received_uids(cluster.pacs)
-    assert len(uids) == 2 and len(set(uids)) == 2
+    retries = sum(d["attempts"] - 1 for j in cluster.jobs() for d in j["deliveries"])
+    assert len(set(uids)) == 2 and 2 <= len(uids) <= 2 + 2 * retries, (len(uids), retries)
     nodes = {n["name"]: n for n in json.loads(ingest.cli("status", "--json").stdout)["nodes"]}
     assert not nodes[victim]["alive"] and nodes[next(n for n in workers if n != victim)]["alive"]
 

@@ -12,7 +12,7 @@ import ssl
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -217,7 +217,32 @@ def _associate(ae: AE, peer: Peer) -> Association:
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         raise DeliveryError(f"{peer}{' (TLS)' if peer.tls else ''}: association {_why(assoc)}")
+    keep_responses_for_the_sender(assoc)
     return assoc
+
+
+def keep_responses_for_the_sender(assoc: Association) -> None:
+    """Only the thread that sent a request takes its response off the queue.
+
+    pynetdicom's association thread also polls the DIMSE queue (for requests from the peer),
+    and pauses while ``send_c_store`` waits; on a loaded machine it can look once more just as
+    the response arrives and take it ("Received unexpected C-STORE service message"): the
+    sender then waits for its DIMSE timeout, the association is aborted and the delivery
+    is retried, a second copy of what the peer already has. Here the polling (non-blocking)
+    look never takes a response.
+    """
+    dimse = assoc.dimse
+    take = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        if not block:
+            with dimse.msg_queue.mutex:
+                head = dimse.msg_queue.queue[0] if dimse.msg_queue.queue else None
+            if head is None or getattr(head[1], "MessageIDBeingRespondedTo", None) is not None:
+                return None, None
+        return take(block)
+
+    dimse.get_msg = get_msg  # type: ignore[method-assign]
 
 
 def _why(assoc: object) -> str:
