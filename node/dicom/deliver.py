@@ -109,14 +109,25 @@ def _headers(paths: Iterable[Path]) -> "OrderedDict[Path, tuple[str, str]]":
     """
     out: OrderedDict[Path, tuple[str, str]] = OrderedDict()
     for path in paths:
-        ds = dcmread(path, defer_size=1024)     # large values are not read, only their place
-        check_complete(path, ds)
+        ds = read_sendable(path)
         ts = str(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
         sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", ""))
         if not sop_class:
             raise ValueError("no SOP Class UID (an empty or cut data set)")
         out[path] = (sop_class, ts)
     return out
+
+
+def read_sendable(path: Path) -> Dataset:
+    """The header of a file about to be sent (large values are not read, only their place).
+
+    Raises:
+        ValueError: the file is cut short (see :func:`check_complete`); pydicom's errors for
+            a file that is not DICOM.
+    """
+    ds = dcmread(path, defer_size=1024)
+    check_complete(path, ds)
+    return ds
 
 
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"

@@ -9,12 +9,12 @@ and one log line that says why.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import threading
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -111,16 +111,10 @@ class Intake:
         self.store = store
         self.db = db
         self.metrics = metrics
-        self._lock = threading.Lock()
-        self.stored = 0
-        self.refused = 0
-        self.bytes = 0
 
     def refuse(self, exc: Refused, sop_uid: str, sender: Sender) -> int:
         """Count and log one refusal; returns its status."""
         log.warning("refused 0x%04X: %s from %s: %s", exc.status, sop_uid[:80] or "?", sender.calling_aet, exc)
-        with self._lock:
-            self.refused += 1
         self.metrics.refused_with(exc.status)
         return exc.status
 
@@ -153,16 +147,13 @@ class Intake:
                 given, must be the instance's.
         """
         sop_uid, sop_class_uid, ts, header = read_file_header(part)
-        try:
+        with _naming(sop_uid, sop_class_uid):
             self.check_space(part.stat().st_size)
             if study_uid and header.study_uid != study_uid:
                 raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"StudyInstanceUID {header.study_uid!r} is not "
                                                                 f"the study of the request ({study_uid[:80]!r})")
             return self._commit(header, sop_uid, sop_class_uid, ts, sender,
                                 lambda path: self.store.commit_file(part, path))
-        except Refused as exc:
-            exc.sop_uid, exc.sop_class_uid = sop_uid, sop_class_uid
-            raise
 
     def _commit(self, header: Header, sop_uid: str, sop_class_uid: str, ts: str, sender: Sender,
                 write: Callable[[Path], int]) -> Accepted:
@@ -189,9 +180,6 @@ class Intake:
             self.store.remove([replaced])        # the same SOP Instance UID, re-sent in another series
             log.warning("%s from %s replaces the instance of the same SOP Instance UID in another series",
                         sop_uid, sender.calling_aet)
-        with self._lock:
-            self.stored += 1
-            self.bytes += size
         self.metrics.stored(sender.calling_aet, size)
         log.debug("stored %s (%d bytes) from %s", sop_uid, size, sender.calling_aet)
         return Accepted(sop_uid, sop_class_uid, header, size)
@@ -238,10 +226,17 @@ def read_file_header(path: Path) -> tuple[str, str, str, Header]:
     except Exception as exc:  # noqa: BLE001 - untrusted bytes
         raise Refused(CANNOT_UNDERSTAND, f"file meta information cannot be read: {type(exc).__name__}: "
                                          f"{str(exc)[:200]}") from None
-    try:
+    with _naming(sop_uid[:64], sop_class_uid[:64]):
         return _check_file(path, sop_uid, sop_class_uid, ts, group_length)
+
+
+@contextlib.contextmanager
+def _naming(sop_uid: str, sop_class_uid: str) -> Iterator[None]:
+    """A refusal raised inside names the instance (STOW-RS answers with its UIDs)."""
+    try:
+        yield
     except Refused as exc:
-        exc.sop_uid, exc.sop_class_uid = sop_uid[:64], sop_class_uid[:64]
+        exc.sop_uid, exc.sop_class_uid = sop_uid, sop_class_uid
         raise
 
 
@@ -316,14 +311,3 @@ def _text(ds: Dataset, keyword: str) -> str:
     if isinstance(value, (list, tuple, MultiValue)):
         return "\\".join(str(v) for v in value).strip()
     return str(value).strip()
-
-
-def describe(status: int) -> str:
-    """A status as the log and the STOW-RS response name it."""
-    return _NAMES.get(status, f"0x{status:04X}")
-
-
-_NAMES = {OUT_OF_RESOURCES: "out of resources", DATASET_DOES_NOT_MATCH_SOP_CLASS: "data set does not match",
-          CANNOT_UNDERSTAND: "cannot understand", PROCESSING_FAILURE: "processing failure",
-          SOP_CLASS_NOT_SUPPORTED: "SOP class not supported",
-          TRANSFER_SYNTAX_NOT_SUPPORTED: "transfer syntax not supported"}

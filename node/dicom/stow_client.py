@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlsplit
 
-from pydicom import dcmread
-
 from node.config.schema import Destination
-from node.dicom.deliver import SendReport, check_complete
+from node.dicom.deliver import SendReport, read_sendable
 from node.errors import DeliveryError
 
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024       # a peer's answer is read up to this, no further
@@ -56,17 +54,15 @@ def stow_files(paths: Sequence[Path], dest: Destination, timeout: float = 30.0) 
     uids: dict[str, Path] = {}
     for path in paths:
         try:
-            ds = dcmread(path, defer_size=1024)
-            check_complete(path, ds)
-            uids[str(ds.SOPInstanceUID)] = path
+            uids[str(read_sendable(path).SOPInstanceUID)] = path
         except Exception as exc:  # noqa: BLE001 - a bad file is reported, the rest goes on
             report.skip(path, f"not a readable DICOM file: {type(exc).__name__}: {exc}")
     if not uids:
         return report
     boundary = uuid.uuid4().hex
-    heads = [(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode() for _ in uids]
+    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
     tail = f"--{boundary}--\r\n".encode()
-    length = sum(len(h) + p.stat().st_size + 2 for h, p in zip(heads, uids.values())) + len(tail)
+    length = sum(len(head) + p.stat().st_size + 2 for p in uids.values()) + len(tail)
     conn, target = _connection(dest, timeout)
     headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
                "Accept": "application/dicom+json", "Content-Length": str(length)}
@@ -78,7 +74,7 @@ def stow_files(paths: Sequence[Path], dest: Destination, timeout: float = 30.0) 
         for k, v in headers.items():
             conn.putheader(k, v)
         conn.endheaders()
-        for head, path in zip(heads, uids.values()):
+        for path in uids.values():
             conn.send(head)
             with path.open("rb") as fh:
                 while chunk := fh.read(_CHUNK):
@@ -98,8 +94,6 @@ def _judge(status: int, body: bytes, uids: dict[str, Path], report: SendReport, 
     if status == 200:
         report.sent += len(uids)
         return report
-    if status in (401, 403) or status >= 500 or status not in (202, 409) and not 400 <= status < 500:
-        raise DeliveryError(f"{dest.url}: STOW-RS answered HTTP {status}{_detail(body)}")
     if status in (202, 409):
         failed = _failed(body)
         for uid, path in uids.items():
@@ -109,6 +103,8 @@ def _judge(status: int, body: bytes, uids: dict[str, Path], report: SendReport, 
             else:
                 report.sent += 1
         return report
+    if not 400 <= status < 500 or status in (401, 403):     # the server or our token: try again later
+        raise DeliveryError(f"{dest.url}: STOW-RS answered HTTP {status}{_detail(body)}")
     for path in uids.values():
         report.refused.append((str(path), f"STOW-RS answered HTTP {status}{_detail(body)}"))
     return report

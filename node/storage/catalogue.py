@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from sqlalchemy import and_, func, select, true
 from sqlalchemy.engine import Engine
@@ -135,10 +135,11 @@ class CatalogueQueries(DataPaths):
         if modality:
             where.append(Series.modality == modality)
         with self.engine.connect() as conn:
-            out = [SeriesEntry(*row) for row in conn.execute(stmt.where(*where)).all()]
+            # at most offset + limit of each kind are read: a search of every study stays bounded
+            out = [SeriesEntry(*row) for row in conn.execute(stmt.where(*where).limit(offset + limit)).all()]
             results: dict[str, list[InstanceEntry]] = {}
             study_filter = Study.study_uid == study_uid if study_uid else true()
-            for _, r in self._results(conn, study_filter):
+            for _, r in self._results(conn, study_filter, jobs=None if study_uid else offset + limit):
                 if (not series_uids or r.series_uid in series_uids) and (not modality or r.modality == modality):
                     results.setdefault(r.series_uid, []).append(r)
         out += [SeriesEntry(rs[0].study_uid, uid, rs[0].modality, "", len(rs)) for uid, rs in results.items()]
@@ -163,17 +164,14 @@ class CatalogueQueries(DataPaths):
         end = None if limit is None else offset + limit
         return out[offset:end]
 
-    @staticmethod
-    def _done_jobs(conn: Any, where: Any) -> Iterable[Any]:
-        return conn.execute(
-            select(Series.study_id, Study.study_uid, Job.summary, Job.result_files)
-            .join(Series, Job.series_id == Series.id).join(Study, Series.study_id == Study.id)
-            .where(and_(Job.status == JobStatus.DONE.value, where)).order_by(Job.id)).all()
-
-    def _results(self, conn: Any, where: Any) -> list[tuple[int, InstanceEntry]]:
-        """(study id, result instance) of the finished jobs matching ``where``."""
+    def _results(self, conn: Any, where: Any, jobs: int | None = None) -> list[tuple[int, InstanceEntry]]:
+        """(study id, result instance) of the finished jobs matching ``where`` (the first
+        ``jobs`` of them, when given)."""
+        stmt = (select(Series.study_id, Study.study_uid, Job.summary, Job.result_files)
+                .join(Series, Job.series_id == Series.id).join(Study, Series.study_id == Study.id)
+                .where(and_(Job.status == JobStatus.DONE.value, where)).order_by(Job.id))
         out = []
-        for study_id, study_uid, summary, files in self._done_jobs(conn, where):
+        for study_id, study_uid, summary, files in conn.execute(stmt if jobs is None else stmt.limit(jobs)).all():
             for result, path in zip(json.loads(summary or "{}").get("results", []), json.loads(files or "[]")):
                 out.append((study_id, InstanceEntry(
                     study_uid, result["series_instance_uid"], result["sop_instance_uid"], result["sop_class_uid"],

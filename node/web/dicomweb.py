@@ -147,9 +147,13 @@ def search_studies(request: Request, who: Principal = Depends(viewer)) -> JSONRe
 @router.get("/studies/{study}/series", summary="QIDO-RS: search the series of a study")
 def search_series(request: Request, study: str = "", who: Principal = Depends(viewer)) -> JSONResponse:
     q = Search(request, {"StudyInstanceUID", "SeriesInstanceUID", "Modality"})
-    study = study or ",".join(q.uids("StudyInstanceUID"))
     if study:
         _check(study)
+    else:
+        studies = q.uids("StudyInstanceUID")
+        if len(studies) > 1:
+            raise HTTPException(400, "series are searched in one StudyInstanceUID at a time")
+        study = studies[0] if studies else ""
     found = _db(request).find_series(study or None, q.uids("SeriesInstanceUID"), q.keys.get("Modality", ""),
                                      q.limit, q.offset)
     base = _base(request)
@@ -308,17 +312,20 @@ def bulkdata(request: Request, study: str, series: str, sop: str, tag: str,
 def retrieve_frames(request: Request, study: str, series: str, sop: str, frames: str,
                     who: Principal = Depends(viewer)) -> Response:
     """Uncompressed frames (little endian), as viewers ask for them."""
-    numbers = [int(n) for n in frames.split(",") if n.strip().isdigit()]
-    if not numbers or len(numbers) != len(frames.split(",")):
+    items = frames.split(",")
+    if not all(n.strip().isdigit() and len(n.strip()) <= 9 for n in items):
         raise HTTPException(400, "frames are a comma-separated list of frame numbers from 1")
+    numbers = [int(n) for n in items]
     ds = pydicom.dcmread(_instances(request, study, series, sop)[0].path)
     if "PixelData" not in ds:
         raise HTTPException(404, "this instance has no pixel data")
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        ds.decompress()
     count = int(ds.get("NumberOfFrames", 1) or 1)
     if any(not 1 <= n <= count for n in numbers):
         raise HTTPException(404, f"this instance has frames 1 to {count}")
+    if len(numbers) > count:                 # "1,1,1,..." would copy one frame without bound
+        raise HTTPException(400, f"at most {count} frames in one request")
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress()
     data = ds.PixelData
     size = len(data) // count
     return _octets([data[(n - 1) * size:n * size] for n in numbers])

@@ -54,7 +54,6 @@ class BodyError(Exception):
 class Part:
     path: Path
     content_type: str
-    size: int = 0
 
 
 class PartWriter:
@@ -121,7 +120,6 @@ class PartWriter:
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         self._fh.write(data[start:end])
-        self.parts[-1].size += end - start
 
     def _part_end(self) -> None:
         if self._fh is not None:
