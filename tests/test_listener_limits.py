@@ -7,14 +7,18 @@ import re
 import socket
 import ssl
 import struct
+import subprocess
+import threading
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from conftest import free_port
+from node.synthetic.ct import make_ct_series
 from nodeproc import NodeProcess, wait_for, write_config
 from tlscerts import make_ca
 
@@ -186,3 +190,56 @@ def test_idle_tcp_connection_does_not_freeze_the_tls_listener(tmp_path):
         idle.close()
     finally:
         node.stop()
+
+
+def _big_ct(path: Path, rows: int, cols: int, sop_uid: str) -> Path:
+    """One CT instance of rows x cols 16-bit pixels (rows * cols * 2 bytes of pixel data)."""
+    ds = pydicom.dcmread(make_ct_series(path.parent / f"{sop_uid}-src", slices=1, size=16).files[0])
+    ds.SOPInstanceUID = sop_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.Rows, ds.Columns = rows, cols
+    ds.PixelData = bytes(rows * cols * 2)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _sample_rss(pid: int, stop: threading.Event, peak: list[float]) -> None:
+    while not stop.is_set():
+        peak[0] = max(peak[0], _rss_mb(pid))
+        time.sleep(0.01)
+
+
+def test_large_instance_goes_to_disk_as_it_arrives(node, dcmtk, tmp_path):
+    """A 128 MiB instance: the node holds PDUs, not the instance, in memory; the stored file
+    is the instance sent."""
+    sop_uid = "1.2.826.0.1.3680043.10.1.4242"
+    big = _big_ct(tmp_path / "big.dcm", 8192, 8192, sop_uid)
+    idle = _rss_mb(node.process.pid)
+    stop, peak = threading.Event(), [idle]
+    sampler = threading.Thread(target=_sample_rss, args=(node.process.pid, stop, peak))
+    sampler.start()
+    try:
+        dcmtk.run("storescu", "-aec", "AINODE", "127.0.0.1", str(node.port), big, timeout=300)
+    finally:
+        stop.set()
+        sampler.join()
+    stored = wait_for(lambda: list((node.data_dir / "images").rglob(f"{sop_uid}.dcm")), "the stored file")
+    assert pydicom.dcmread(stored[0]).PixelData == pydicom.dcmread(big).PixelData
+    assert peak[0] - idle < 48, f"RSS {idle:.0f} -> {peak[0]:.0f} MB for a 128 MiB instance"
+
+
+def test_association_cut_in_a_data_set_leaves_no_partial_file(node, dcmtk, tmp_path):
+    sop_uid = "1.2.826.0.1.3680043.10.1.4343"
+    big = _big_ct(tmp_path / "cut.dcm", 8192, 8192, sop_uid)
+    parts = node.data_dir / "tmp"
+    # storescu throttled by a pipe it cannot read from: killed once the node has begun the file
+    sender = subprocess.Popen([dcmtk.storescu, "-aec", "AINODE", "127.0.0.1", str(node.port), str(big)],
+                              env=dcmtk.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: list(parts.glob("*.part")) or sender.poll() is not None, "a partial file")
+        sender.kill()
+    finally:
+        sender.wait()
+    wait_for(lambda: not list(parts.glob("*.part")), "the partial file to be removed")
+    assert not list((node.data_dir / "images").rglob(f"{sop_uid}.dcm"))
+    assert _echo(node.port)

@@ -11,20 +11,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
 from pydicom.multival import MultiValue
 from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
                          JPEGExtended12Bit, JPEGLosslessSV1, JPEGLossless, JPEGLSLossless,
                          JPEGLSNearLossless, RLELossless, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K)
-from pynetdicom.dsutils import decode
 from pynetdicom.presentation import AllStoragePresentationContexts
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -34,6 +38,7 @@ from node.metrics import Metrics
 from node.storage.db import Database, InstanceRecord
 from node.storage.files import FileStore, valid_uid
 from node.dicom.deliver import check_complete
+from node.dicom.wire import file_meta
 
 log = logging.getLogger("node.dicom.intake")
 
@@ -55,6 +60,10 @@ TRANSFER_SYNTAXES = [
 #: The storage SOP classes: what C-STORE negotiates and what STOW-RS takes.
 STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 
+#: The last tag of :data:`_HEADER_KEYS` (SeriesInstanceUID): a received data set is read up to it.
+_LAST_HEADER_TAG = 0x0020000E
+#: How much of a deflated data set is inflated to read its header.
+_MAX_INFLATED_HEADER = 16 * 1024 * 1024
 _HEADER_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality",
                 "PatientID", "PatientName", "StudyDate", "StudyDescription", "AccessionNumber",
                 "SeriesDescription")
@@ -111,6 +120,7 @@ class Intake:
         self.store = store
         self.db = db
         self.metrics = metrics
+        self._syncer = ThreadPoolExecutor(max_workers=config.node.max_associations, thread_name_prefix="fsync")
 
     def refuse(self, exc: Refused, sop_uid: str, sender: Sender) -> int:
         """Count and log one refusal; returns its status."""
@@ -137,6 +147,46 @@ class Intake:
         header = read_header(stream, transfer_syntax, sop_uid, sop_class_uid)
         return self._commit(header, sop_uid, sop_class_uid, transfer_syntax, sender,
                             lambda path: self.store.write_atomic(path, (meta, stream.getbuffer())))
+
+    def spool(self, sop_class_uid: str, sop_uid: str, transfer_syntax: str) -> Spool:
+        """A new file under the store's ``tmp`` for a C-STORE data set that is being received,
+        its file meta information written (:func:`~node.dicom.wire.file_meta`)."""
+        meta = file_meta(sop_class_uid, sop_uid, transfer_syntax)
+        try:
+            path, fh = self.store.open_part()
+        except OSError as exc:              # the instance is read and refused with this reason
+            spool = Spool(self.store.part_path(), None, len(meta), self)
+            spool.error = f"cannot write the file: {exc.strerror or exc}"
+            return spool
+        spool = Spool(path, fh, len(meta), self)
+        spool.write(meta)
+        return spool
+
+    def accept_spooled(self, spool: Spool, transfer_syntax: str, sop_uid: str, sop_class_uid: str,
+                       sender: Sender) -> Accepted:
+        """A C-STORE's data set received whole into ``spool``; on success the file is renamed
+        into place, else it is left to the caller (pynetdicom removes it after the handler).
+
+        Raises:
+            Refused: with the status to answer.
+        """
+        if spool.error:
+            spool.close()
+            raise Refused(OUT_OF_RESOURCES, spool.error)
+        # The file's fsync (the longest wait of all) runs while this thread reads the header.
+        synced = self._syncer.submit(spool.sync) if self.store.fsync else None
+        try:
+            self.check_space(0)                 # the instance is on the disk already
+            with spool.path.open("rb") as fh:
+                fh.seek(spool.offset)
+                header = read_header(fh, transfer_syntax, sop_uid, sop_class_uid)
+        finally:
+            error = _sync_error(synced)
+            spool.close()
+        if error or spool.error:
+            raise Refused(OUT_OF_RESOURCES, error or spool.error)
+        return self._commit(header, sop_uid, sop_class_uid, transfer_syntax, sender,
+                            lambda path: self.store.commit_file(spool.path, path, synced=True))
 
     def accept_file(self, part: Path, sender: Sender, study_uid: str = "") -> Accepted:
         """A PS3.10 file received whole into ``part`` (a temporary file under the store's
@@ -185,26 +235,109 @@ class Intake:
         return Accepted(sop_uid, sop_class_uid, header, size)
 
 
-def read_header(stream: BytesIO, transfer_syntax: str, sop_uid: str, sop_class_uid: str) -> Header:
-    """Read and check the header of a received data set.
+def _sync_error(synced: Future[None] | None) -> str:
+    """Wait for a spool's fsync; its failure as a refusal reason ("" when it succeeded)."""
+    if synced is None:
+        return ""
+    try:
+        synced.result()
+    except OSError as exc:
+        return f"cannot write the file: {exc.strerror or exc}"
+    return ""
+
+
+class Spool:
+    """A C-STORE data set written to disk as its fragments arrive (pynetdicom's chunked-receive
+    file protocol: ``name``, ``write``, ``file.flush``, ``close``). A write that fails (the disk
+    full) or that would take the disk below ``ingest.min_free_disk_mb`` stops the writing; the
+    rest of the data set is read and dropped, and the instance refused with ``error``."""
+
+    #: The free space is checked again after each this many bytes.
+    CHECK_EVERY = 64 * 1024 * 1024
+
+    def __init__(self, path: Path, fh: BinaryIO | None, offset: int, intake: Intake) -> None:
+        self.path = path
+        self.name = str(path)
+        self.offset = offset
+        self.error = ""
+        self._fh: BinaryIO | None = fh
+        self._intake = intake
+        self._unchecked = 0
+        self.file = self
+
+    def write(self, data: bytes) -> None:
+        if self.error or self._fh is None:
+            return
+        try:
+            self._fh.write(data)
+            self._unchecked += len(data)
+            if self._unchecked >= self.CHECK_EVERY:
+                self._unchecked = 0
+                self._intake.check_space(0)
+        except OSError as exc:
+            self.error = f"cannot write the file: {exc.strerror or exc}"
+        except Refused as exc:
+            self.error = str(exc)
+
+    def flush(self) -> None:
+        """Nothing: pynetdicom flushes after each fragment; the file is fsynced once, whole."""
+
+    def sync(self) -> None:
+        """Flush and fsync the file (it stays open)."""
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if self._fh is not None:
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except OSError as exc:
+                self.error = self.error or f"cannot write the file: {exc.strerror or exc}"
+
+
+def read_header(stream: BinaryIO, transfer_syntax: str, sop_uid: str, sop_class_uid: str) -> Header:
+    """Read and check the header of a received data set (``stream`` is at its start). The data
+    set is read up to (0020,000E) Series Instance UID; the rest (the pixel data) is not parsed.
 
     Raises:
         Refused: with the status to answer: the data set cannot be decoded, a UID is missing
             or invalid (a path is built from them), or it contradicts the request.
     """
     ts = UID(transfer_syntax)
+    start = stream.tell()
     if not ts.is_deflated:
-        _check_vr_encoding(stream.getbuffer()[:6].tobytes(), ts)
-    stream.seek(0)
+        _check_vr_encoding(stream.read(6), ts)
+        stream.seek(start)
     try:
-        ds = decode(stream, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+        if ts.is_deflated:              # inflated as far as the header needs, never further
+            ds = read_dataset(BytesIO(_inflate_head(stream)), False, True, stop_when=_past_header)
+        else:
+            ds = read_dataset(stream, ts.is_implicit_VR, ts.is_little_endian, stop_when=_past_header)
         values = {k: _text(ds, k) for k in _HEADER_KEYS}
     except Exception as exc:  # noqa: BLE001 - untrusted bytes: any failure to parse is a refusal
         # (seen: ValueError, EOFError, struct.error, zlib.error, KeyError, UnicodeError, ...)
         raise Refused(CANNOT_UNDERSTAND, f"data set cannot be decoded: {type(exc).__name__}: {exc}") from None
     finally:
-        stream.seek(0)
+        stream.seek(start)
     return _checked(values, sop_uid, sop_class_uid)
+
+
+def _inflate_head(stream: BinaryIO) -> bytes:
+    """The first :data:`_MAX_INFLATED_HEADER` bytes (at most) of a deflated data set."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    while len(out) < _MAX_INFLATED_HEADER:
+        chunk = stream.read(1024 * 1024)
+        if not chunk:
+            break
+        out += inflater.decompress(chunk, _MAX_INFLATED_HEADER - len(out))
+    return bytes(out)
+
+
+def _past_header(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag > _LAST_HEADER_TAG
 
 
 def read_file_header(path: Path) -> tuple[str, str, str, Header]:

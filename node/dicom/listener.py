@@ -19,7 +19,6 @@ from typing import Any
 import pydicom
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom import _config as pynetdicom_config
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import ModalityPerformedProcedureStep, Verification
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
@@ -32,11 +31,13 @@ from node.storage.db import Database
 from node.storage.files import FileStore
 from node.dicom.intake import (CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS,  # noqa: F401 - re-exported
                                OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS, TRANSFER_SYNTAXES, Header, Intake,
-                               Refused, Sender, read_header)
+                               Refused, Sender, Spool, read_header)
 from node.dicom.tls import server_context
 from node.dicom.mpps import MppsService
 from node.dicom.server import ListenerServer
-from node.dicom.transport import FastRequestHandler, FastSocket, PeerLimits, quiet_pynetdicom
+from node.dicom.receive import FastRequestHandler
+from node.dicom.transport import FastSocket, PeerLimits, quiet_pynetdicom
+from node.dicom.wire import file_meta
 
 log = logging.getLogger("node.dicom.listener")
 
@@ -125,7 +126,8 @@ class Ingest:
         limits = PeerLimits(ingest.max_pdu_size, ingest.association_timeout_s, float(self.ae.network_timeout))
         server_class = type("ConfiguredListener", (ListenerServer,), {
             "reuse_port": reuse_port, "per_address": ingest.max_associations_per_address,
-            "total": 2 * self.config.node.max_associations, "peer_limits": limits})
+            "total": 2 * self.config.node.max_associations, "peer_limits": limits,
+            "spool": staticmethod(self.intake.spool)})
         try:
             server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context,
                                          server_class=server_class, request_handler=FastRequestHandler)
@@ -260,11 +262,16 @@ class Ingest:
 
     def _store(self, event: evt.Event, sop_uid: str, calling: str) -> int:
         request = event.request
-        meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+        ts = str(event.context.transfer_syntax)
+        sop_class_uid = str(request.AffectedSOPClassUID or "")
         sender = Sender(calling, event.assoc.acceptor.ae_title, str(event.assoc.requestor.address or ""))
+        spool = request._dataset_file       # node.dicom.receive: the data set was written as it came
         try:
-            accepted = self.intake.accept_dataset(meta, request.DataSet, str(event.context.transfer_syntax),
-                                                  sop_uid, str(request.AffectedSOPClassUID or ""), sender)
+            if isinstance(spool, Spool):
+                accepted = self.intake.accept_spooled(spool, ts, sop_uid, sop_class_uid, sender)
+            else:
+                accepted = self.intake.accept_dataset(file_meta(sop_class_uid, sop_uid, ts), request.DataSet, ts,
+                                                      sop_uid, sop_class_uid, sender)
         except Refused as exc:
             return self.intake.refuse(exc, sop_uid, sender)
         with self._lock:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pynetdicom.association import Association
-from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.transport import AssociationSocket
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,9 @@ class FastSocket(AssociationSocket):
     reported: bool = False            # a WARNING about this connection was logged already
     _pdu_deadline: float = 0.0
     _got_request: bool = False        # the A-ASSOCIATE-RQ (the first PDU) was read whole
+    #: pynetdicom's DUL thread does not read (``ready`` is False): set once the A-ASSOCIATE-RQ is
+    #: read, until the association thread takes the socket over (node.dicom.receive).
+    hold: bool = False
 
     def _peer(self) -> str:
         r = self.assoc.requestor
@@ -117,6 +120,10 @@ class FastSocket(AssociationSocket):
         if self.limits is not None and not self._got_request:
             self._got_request = True          # once
             self.assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
+
+    @property
+    def ready(self) -> bool:
+        return False if self.hold else bool(super().ready)
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket
@@ -166,6 +173,7 @@ class FastSocket(AssociationSocket):
                     self._fail(f"not DICOM (first bytes {bytes(buf[:got])[:6]!r})")
             if limits is not None and nr_bytes != 6 and not established:
                 self._got_request = True
+                self.hold = True
         finally:
             del view
         return buf
@@ -187,24 +195,7 @@ def tune(assoc: Association) -> None:
             pass
 
 
-class FastRequestHandler(RequestHandler):
-    """pynetdicom's request handler for accepted connections, with :func:`tune` applied and
-    the server's :class:`PeerLimits` (``server.peer_limits``) on the socket."""
-
-    def _create_association(self) -> Any:
-        assoc = super()._create_association()
-        tune(assoc)
-        sock = assoc.dul.socket
-        if isinstance(sock, FastSocket):
-            sock.limits = getattr(self.server, "peer_limits", None)
-            sock.connected_at = time.monotonic()
-            if sock.limits is not None and sock.socket is not None:
-                sock.socket.settimeout(TICK_S)
-            assoc.dul._decode_pdu = _logged_decode(assoc.dul._decode_pdu, sock)  # type: ignore[method-assign]
-        return assoc
-
-
-def _logged_decode(decode: Any, sock: FastSocket) -> Any:
+def logged_decode(decode: Any, sock: FastSocket) -> Any:
     """pynetdicom's PDU decoder, with our one WARNING line when a peer's PDU cannot be decoded
     (pynetdicom then aborts the association, as before)."""
     def checked(data: bytearray) -> Any:

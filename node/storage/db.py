@@ -33,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from sqlalchemy import and_, create_engine, event, func, or_, select, text, update
+from sqlalchemy import and_, bindparam, create_engine, event, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
@@ -54,6 +54,23 @@ __all__ = ["Database", "DeliveryRow", "DeliveryStatus", "InstanceRecord", "JobRo
 
 #: Study and series ids remembered by ingest (one look-up per instance saved).
 _ID_CACHE_MAX = 10_000
+
+
+class _IngestStatements:
+    """The statements of :meth:`Database.record_instance`, built once: building a statement
+    and its cache key costs more than running it, once per received instance."""
+
+    def __init__(self, insert: Any) -> None:
+        self.path_of = select(Instance.path).where(Instance.sop_instance_uid == bindparam("b_sop"))
+        self.touch_series = update(Series).where(Series.id == bindparam("b_series")).values(
+            last_received_at=bindparam("b_now"), status=SeriesStatus.RECEIVING.value)
+        upsert = insert(Instance).values(
+            sop_instance_uid=bindparam("b_sop"), series_id=bindparam("b_series"),
+            sop_class_uid=bindparam("b_class"), transfer_syntax=bindparam("b_ts"), path=bindparam("b_path"),
+            size=bindparam("b_size"), received_at=bindparam("b_now"))
+        columns = ("series_id", "sop_class_uid", "transfer_syntax", "path", "size", "received_at")
+        self.upsert_instance = upsert.on_conflict_do_update(
+            index_elements=["sop_instance_uid"], set_={c: upsert.excluded[c] for c in columns})
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -95,6 +112,7 @@ class Database(QueueQueries, EvidenceQueries, ReportQueries, CatalogueQueries, C
         # Both dialects offer INSERT ... ON CONFLICT with the same API.
         self._insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
         self._series_ids: dict[str, int] = {}
+        self._ingest = _IngestStatements(self._insert)
         self._study_ids: dict[str, int] = {}
 
     def create(self) -> None:
@@ -123,9 +141,9 @@ class Database(QueueQueries, EvidenceQueries, ReportQueries, CatalogueQueries, C
         """
         now = time.time() if now is None else now
         path = self.to_db(rec.path)
+        stmt = self._ingest
         with self.engine.begin() as conn:
-            before = conn.execute(select(Instance.path).where(
-                Instance.sop_instance_uid == rec.sop_instance_uid)).scalar()
+            before = conn.execute(stmt.path_of, {"b_sop": rec.sop_instance_uid}).scalar()
             study_id = self._study_ids.get(rec.study_uid)
             if study_id is None:
                 conn.execute(self._insert(Study).values(
@@ -142,12 +160,10 @@ class Database(QueueQueries, EvidenceQueries, ReportQueries, CatalogueQueries, C
                     status=SeriesStatus.RECEIVING.value,
                     first_received_at=now, last_received_at=now).on_conflict_do_nothing())
                 series_id = conn.execute(select(Series.id).where(Series.series_uid == rec.series_uid)).scalar_one()
-            conn.execute(update(Series).where(Series.id == series_id).values(
-                last_received_at=now, status=SeriesStatus.RECEIVING.value))
-            values = dict(series_id=series_id, sop_class_uid=rec.sop_class_uid,
-                          transfer_syntax=rec.transfer_syntax, path=path, size=rec.size, received_at=now)
-            conn.execute(self._insert(Instance).values(sop_instance_uid=rec.sop_instance_uid, **values)
-                         .on_conflict_do_update(index_elements=["sop_instance_uid"], set_=values))
+            conn.execute(stmt.touch_series, {"b_series": series_id, "b_now": now})
+            conn.execute(stmt.upsert_instance, {
+                "b_sop": rec.sop_instance_uid, "b_series": series_id, "b_class": rec.sop_class_uid,
+                "b_ts": rec.transfer_syntax, "b_path": path, "b_size": rec.size, "b_now": now})
         # Cache ids only after the commit, so a rolled-back insert is never remembered; the
         # caches only spare look-ups, so they are simply emptied when they grow large.
         if len(self._series_ids) > _ID_CACHE_MAX:

@@ -72,13 +72,13 @@ class FileStore:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         return path, open(fd, "wb", closefd=True)
 
-    def commit_file(self, part: Path, path: Path) -> int:
+    def commit_file(self, part: Path, path: Path, synced: bool = False) -> int:
         """Make a complete temporary file (from :meth:`open_part`, closed) durable at ``path``:
-        fsync, rename, fsync of the folder; returns its size."""
+        fsync (unless the caller did, ``synced``), rename, fsync of the folder; returns its size."""
         folder = path.parent
         if folder not in self._made:
             self._make_folders(folder)
-        if self.fsync:
+        if self.fsync and not synced:
             fd = os.open(part, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 os.fsync(fd)
