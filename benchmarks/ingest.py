@@ -233,15 +233,18 @@ def load_test(args: argparse.Namespace) -> None:
         print(f"load: {args.load} senders at once, each a {args.slices}-slice {args.size}x{args.size} CT series "
               f"on its own association; {n} instances, {mb:.0f} MB (made in {time.perf_counter() - t:.1f} s); "
               f"{os.cpu_count()} CPUs; median of {args.repeat} runs")
-        print(f"{'receiver':36s} {'seconds':>8s} {'inst/s':>8s} {'MB/s':>8s} {'x storescp':>10s}")
+        print(f"{'receiver':36s} {'seconds':>8s} {'inst/s':>8s} {'MB/s':>8s} {'x storescp':>10s} {'x Orthanc':>9s}")
         ref = statistics.median(run_storescp(series, work, args.load) for _ in range(args.repeat))
-        rows = [("DCMTK storescp", ref)]
+        orthanc = statistics.median(run_orthanc(series, work, args.load) for _ in range(args.repeat))
+        floor = statistics.median(run_floor(series, work, args.load) for _ in range(args.repeat))
+        rows = [("DCMTK storescp", ref), ("Orthanc (tuned)", orthanc), ("pynetdicom, receive and discard", floor)]
         for processes in args.processes:
             seconds = statistics.median(run_node(series, work, args.load, True, processes, timeout_s=2.0)
                                         for _ in range(args.repeat))
             rows.append((f"ainode serve (processes={processes})", seconds))
         for name, seconds in rows:
-            print(f"{name:36s} {seconds:8.2f} {n / seconds:8.0f} {mb / seconds:8.1f} {ref / seconds:10.2f}")
+            print(f"{name:36s} {seconds:8.2f} {n / seconds:8.0f} {mb / seconds:8.1f} {ref / seconds:10.2f} "
+                  f"{orthanc / seconds:9.2f}")
         print("every instance stored once, every series assembled once, no errors in the node's log")
 
 

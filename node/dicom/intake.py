@@ -170,6 +170,7 @@ class Intake:
         Raises:
             Refused: with the status to answer.
         """
+        spool.finish()
         if spool.error:
             spool.close()
             raise Refused(OUT_OF_RESOURCES, spool.error)
@@ -177,9 +178,7 @@ class Intake:
         synced = self._syncer.submit(spool.sync) if self.store.fsync else None
         try:
             self.check_space(0)                 # the instance is on the disk already
-            with spool.path.open("rb") as fh:
-                fh.seek(spool.offset)
-                header = read_header(fh, transfer_syntax, sop_uid, sop_class_uid)
+            header = _read_spooled_header(spool, transfer_syntax, sop_uid, sop_class_uid)
         finally:
             error = _sync_error(synced)
             spool.close()
@@ -282,10 +281,17 @@ class Spool:
     def flush(self) -> None:
         """Nothing: pynetdicom flushes after each fragment; the file is fsynced once, whole."""
 
+    def finish(self) -> None:
+        """The data set is complete: its last bytes leave Python's buffer for the file."""
+        if self._fh is not None and not self.error:
+            try:
+                self._fh.flush()
+            except OSError as exc:
+                self.error = f"cannot write the file: {exc.strerror or exc}"
+
     def sync(self) -> None:
-        """Flush and fsync the file (it stays open)."""
+        """fsync the file (it stays open)."""
         if self._fh is not None:
-            self._fh.flush()
             os.fsync(self._fh.fileno())
 
     def close(self) -> None:
@@ -297,9 +303,13 @@ class Spool:
                 self.error = self.error or f"cannot write the file: {exc.strerror or exc}"
 
 
-def read_header(stream: BinaryIO, transfer_syntax: str, sop_uid: str, sop_class_uid: str) -> Header:
+def read_header(stream: BinaryIO, transfer_syntax: str, sop_uid: str, sop_class_uid: str,
+                whole: bool = False) -> Header:
     """Read and check the header of a received data set (``stream`` is at its start). The data
     set is read up to (0020,000E) Series Instance UID; the rest (the pixel data) is not parsed.
+
+    With ``whole``, ``stream`` holds only the data set's first bytes: a header that does not
+    end within them raises :class:`_NotWithin` instead of a refusal.
 
     Raises:
         Refused: with the status to answer: the data set cannot be decoded, a UID is missing
@@ -310,18 +320,56 @@ def read_header(stream: BinaryIO, transfer_syntax: str, sop_uid: str, sop_class_
     if not ts.is_deflated:
         _check_vr_encoding(stream.read(6), ts)
         stream.seek(start)
+    stopped: list[bool] = []
+
+    def past_header(tag: BaseTag, vr: str | None, length: int) -> bool:
+        if tag > _LAST_HEADER_TAG:
+            stopped.append(True)
+            return True
+        return False
+
     try:
         if ts.is_deflated:              # inflated as far as the header needs, never further
-            ds = read_dataset(BytesIO(_inflate_head(stream)), False, True, stop_when=_past_header)
+            ds = read_dataset(BytesIO(_inflate_head(stream)), False, True, stop_when=past_header)
         else:
-            ds = read_dataset(stream, ts.is_implicit_VR, ts.is_little_endian, stop_when=_past_header)
+            ds = read_dataset(stream, ts.is_implicit_VR, ts.is_little_endian, stop_when=past_header)
+        if whole and not stopped:
+            raise _NotWithin()
         values = {k: _text(ds, k) for k in _HEADER_KEYS}
+    except _NotWithin:
+        raise
     except Exception as exc:  # noqa: BLE001 - untrusted bytes: any failure to parse is a refusal
+        if whole:
+            raise _NotWithin() from None    # perhaps only cut off by the end of the bytes given
         # (seen: ValueError, EOFError, struct.error, zlib.error, KeyError, UnicodeError, ...)
         raise Refused(CANNOT_UNDERSTAND, f"data set cannot be decoded: {type(exc).__name__}: {exc}") from None
     finally:
         stream.seek(start)
     return _checked(values, sop_uid, sop_class_uid)
+
+
+#: A spooled data set's header is read from this many bytes in memory when it lies within them
+#: (pydicom reading a file asks the kernel for its position at every element).
+_HEAD_BYTES = 64 * 1024
+
+
+def _read_spooled_header(spool: Spool, transfer_syntax: str, sop_uid: str, sop_class_uid: str) -> Header:
+    """:func:`read_header` of a spooled data set: from its first bytes in memory when the
+    header ends within them, else from the file."""
+    with spool.path.open("rb") as fh:
+        fh.seek(spool.offset)
+        head = fh.read(_HEAD_BYTES)
+        if len(head) < _HEAD_BYTES:
+            return read_header(BytesIO(head), transfer_syntax, sop_uid, sop_class_uid)
+        try:
+            return read_header(BytesIO(head), transfer_syntax, sop_uid, sop_class_uid, whole=True)
+        except _NotWithin:
+            fh.seek(spool.offset)
+            return read_header(fh, transfer_syntax, sop_uid, sop_class_uid)
+
+
+class _NotWithin(Exception):
+    """The header does not end within the bytes given."""
 
 
 def _inflate_head(stream: BinaryIO) -> bytes:
@@ -334,10 +382,6 @@ def _inflate_head(stream: BinaryIO) -> bytes:
             break
         out += inflater.decompress(chunk, _MAX_INFLATED_HEADER - len(out))
     return bytes(out)
-
-
-def _past_header(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return tag > _LAST_HEADER_TAG
 
 
 def read_file_header(path: Path) -> tuple[str, str, str, Header]:
