@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session
 from node.storage.catalogue import CatalogueQueries
 from node.storage.cluster import ClusterQueries
 from node.storage.evidence import EvidenceQueries
+from node.storage.groupcommit import GroupCommit
 from node.storage.queue import QueueQueries
 from node.storage.reports import ReportQueries
 from node.storage.schema import (ROUTINE, AuditEvent, Base, Delivery, DeliveryRow, DeliveryStatus, Instance,
@@ -113,6 +114,7 @@ class Database(QueueQueries, EvidenceQueries, ReportQueries, CatalogueQueries, C
         self._insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
         self._series_ids: dict[str, int] = {}
         self._ingest = _IngestStatements(self._insert)
+        self._instances: GroupCommit[tuple[InstanceRecord, float], str | None] = GroupCommit(self._record_instances)
         self._study_ids: dict[str, int] = {}
 
     def create(self) -> None:
@@ -133,45 +135,57 @@ class Database(QueueQueries, EvidenceQueries, ReportQueries, CatalogueQueries, C
 
     # ---------------------------------------------------------------- ingest
     def record_instance(self, rec: InstanceRecord, now: float | None = None) -> str | None:
-        """Commit an instance row (a duplicate SOP Instance UID replaces the old row).
+        """Commit an instance row (a duplicate SOP Instance UID replaces the old row). Rows
+        recorded at once by several threads (associations) share one commit
+        (:class:`~node.storage.groupcommit.GroupCommit`); each returns once its row is committed.
 
         Returns the path the SOP Instance UID had before when it was another file (the same
         UID re-sent in another series): the caller removes that file, so file and row stay one
         to one.
         """
-        now = time.time() if now is None else now
-        path = self.to_db(rec.path)
+        return self._instances.submit((rec, time.time() if now is None else now))
+
+    def _record_instances(self, items: Sequence[tuple[InstanceRecord, float]]) -> list[str | None]:
+        """One transaction for the rows of :meth:`record_instance`."""
         stmt = self._ingest
+        replaced: list[str | None] = []
+        ids: list[tuple[InstanceRecord, int, int]] = []
         with self.engine.begin() as conn:
-            before = conn.execute(stmt.path_of, {"b_sop": rec.sop_instance_uid}).scalar()
-            study_id = self._study_ids.get(rec.study_uid)
-            if study_id is None:
-                conn.execute(self._insert(Study).values(
-                    study_uid=rec.study_uid, patient_id=rec.patient_id, accession=rec.accession,
-                    patient_name=rec.patient_name, study_date=rec.study_date, description=rec.study_description,
-                    received_at=now).on_conflict_do_nothing())
-                study_id = conn.execute(select(Study.id).where(Study.study_uid == rec.study_uid)).scalar_one()
-            series_id = self._series_ids.get(rec.series_uid)
-            if series_id is None:
-                conn.execute(self._insert(Series).values(
-                    series_uid=rec.series_uid, study_id=study_id, modality=rec.modality,
-                    description=rec.series_description, calling_aet=rec.calling_aet,
-                    called_aet=rec.called_aet, caller_address=rec.caller_address,
-                    status=SeriesStatus.RECEIVING.value,
-                    first_received_at=now, last_received_at=now).on_conflict_do_nothing())
-                series_id = conn.execute(select(Series.id).where(Series.series_uid == rec.series_uid)).scalar_one()
-            conn.execute(stmt.touch_series, {"b_series": series_id, "b_now": now})
-            conn.execute(stmt.upsert_instance, {
-                "b_sop": rec.sop_instance_uid, "b_series": series_id, "b_class": rec.sop_class_uid,
-                "b_ts": rec.transfer_syntax, "b_path": path, "b_size": rec.size, "b_now": now})
+            for rec, now in items:
+                path = self.to_db(rec.path)
+                before = conn.execute(stmt.path_of, {"b_sop": rec.sop_instance_uid}).scalar()
+                study_id = self._study_ids.get(rec.study_uid)
+                if study_id is None:
+                    conn.execute(self._insert(Study).values(
+                        study_uid=rec.study_uid, patient_id=rec.patient_id, accession=rec.accession,
+                        patient_name=rec.patient_name, study_date=rec.study_date,
+                        description=rec.study_description, received_at=now).on_conflict_do_nothing())
+                    study_id = conn.execute(select(Study.id).where(Study.study_uid == rec.study_uid)).scalar_one()
+                series_id = self._series_ids.get(rec.series_uid)
+                if series_id is None:
+                    conn.execute(self._insert(Series).values(
+                        series_uid=rec.series_uid, study_id=study_id, modality=rec.modality,
+                        description=rec.series_description, calling_aet=rec.calling_aet,
+                        called_aet=rec.called_aet, caller_address=rec.caller_address,
+                        status=SeriesStatus.RECEIVING.value,
+                        first_received_at=now, last_received_at=now).on_conflict_do_nothing())
+                    series_id = conn.execute(select(Series.id).where(
+                        Series.series_uid == rec.series_uid)).scalar_one()
+                conn.execute(stmt.touch_series, {"b_series": series_id, "b_now": now})
+                conn.execute(stmt.upsert_instance, {
+                    "b_sop": rec.sop_instance_uid, "b_series": series_id, "b_class": rec.sop_class_uid,
+                    "b_ts": rec.transfer_syntax, "b_path": path, "b_size": rec.size, "b_now": now})
+                replaced.append(self.from_db(before) if before is not None and before != path else None)
+                ids.append((rec, study_id, series_id))
         # Cache ids only after the commit, so a rolled-back insert is never remembered; the
         # caches only spare look-ups, so they are simply emptied when they grow large.
         if len(self._series_ids) > _ID_CACHE_MAX:
             self._series_ids.clear()
             self._study_ids.clear()
-        self._study_ids[rec.study_uid] = study_id
-        self._series_ids[rec.series_uid] = series_id
-        return self.from_db(before) if before is not None and before != path else None
+        for rec, study_id, series_id in ids:
+            self._study_ids[rec.study_uid] = study_id
+            self._series_ids[rec.series_uid] = series_id
+        return replaced
 
     # -------------------------------------------------------------- assemble
     def quiet_series(self, quiet_since: float, now: float | None = None) -> list[SeriesRow]:
