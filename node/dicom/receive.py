@@ -134,11 +134,15 @@ class LeanAssociation(Association):
         fragment on (see :attr:`spool`); serve every message completed. False when the
         association ended."""
         try:
-            for context_id, pdv in _pdvs(data):
+            for context_id, control, fragment in _pdvs(data):
+                spooled = getattr(self.dimse.message, "_data_set_file", None)
+                if control & 0x03 == 0 and spooled is not None:
+                    spooled.write(fragment)            # a middle fragment of a spooled data set
+                    continue
                 primitive = P_DATA()
-                primitive.presentation_data_value_list = [[context_id, pdv]]
+                primitive.presentation_data_value_list = [[context_id, bytes([control]) + fragment]]
                 self.dimse.receive_primitive(primitive)
-                if pdv[0] & 0x03 == 0x03:              # the last fragment of a command set
+                if control & 0x03 == 0x03:             # the last fragment of a command set
                     self._spool_data_set()
         except Exception as exc:  # noqa: BLE001 - untrusted bytes: any failure ends the association
             if not sock.reported:
@@ -247,9 +251,9 @@ class LeanAssociation(Association):
                 pass
 
 
-def _pdvs(pdu: bytearray) -> Iterator[tuple[int, bytes]]:
-    """The (presentation context ID, control header and fragment) of each PDV item of a
-    P-DATA-TF PDU (PS3.8 9.3.5).
+def _pdvs(pdu: bytearray) -> Iterator[tuple[int, int, memoryview]]:
+    """The presentation context ID, message control header and fragment (a view into the
+    PDU, not a copy) of each PDV item of a P-DATA-TF PDU (PS3.8 9.3.5).
 
     Raises:
         ValueError: an item's length is shorter than its header or runs past the PDU.
@@ -262,7 +266,7 @@ def _pdvs(pdu: bytearray) -> Iterator[tuple[int, bytes]]:
         length = int.from_bytes(view[at:at + 4], "big")
         if length < 2 or at + 4 + length > end:
             raise ValueError(f"PDV item of length {length} in a PDU of {end} bytes")
-        yield view[at + 4], bytes(view[at + 5:at + 4 + length])
+        yield view[at + 4], view[at + 5], view[at + 6:at + 4 + length]
         at += 4 + length
 
 
