@@ -65,6 +65,24 @@ def wait_file(path: Path, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
+#: Peak RSS (MB) of the last run of each receiver, its child processes included.
+PEAK_MB: dict[str, float] = {}
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM of a process and its children (ingest.processes > 1), in MB."""
+    total = 0.0
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for p in [str(pid), *children]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
+
+
 def send(files: list[Path] | list[list[Path]], aec: str, port: int, parallel: int) -> float:
     """Seconds for ``parallel`` storescu processes (one association each) to send all files.
 
@@ -116,6 +134,7 @@ def run_orthanc(files: list[Path], work: Path, parallel: int) -> float:
     try:
         wait_port(port)
         seconds = send(files, "ORTHANC", port, parallel)
+        PEAK_MB["orthanc"] = peak_rss_mb(proc.pid)
         with urllib.request.urlopen(f"http://127.0.0.1:{http}/statistics", timeout=30) as r:
             stored = json.loads(r.read())["CountInstances"]
     finally:
@@ -169,6 +188,7 @@ def run_node(files, work: Path, parallel: int, fsync: bool, processes: int = 1,
         wait_port(port)
         wait_file(data / "nodes" / "bench" / "ainode.pid")      # fully started (the HTTP face comes up after the listener)
         seconds = send(files, "AINODE", port, parallel)
+        PEAK_MB["node"] = peak_rss_mb(proc.pid)
         if timeout_s < 60:                                    # load test: wait for assembly
             time.sleep(timeout_s + 2)
     finally:
@@ -233,18 +253,22 @@ def load_test(args: argparse.Namespace) -> None:
         print(f"load: {args.load} senders at once, each a {args.slices}-slice {args.size}x{args.size} CT series "
               f"on its own association; {n} instances, {mb:.0f} MB (made in {time.perf_counter() - t:.1f} s); "
               f"{os.cpu_count()} CPUs; median of {args.repeat} runs")
-        print(f"{'receiver':36s} {'seconds':>8s} {'inst/s':>8s} {'MB/s':>8s} {'x storescp':>10s} {'x Orthanc':>9s}")
+        print(f"{'receiver':36s} {'seconds':>8s} {'inst/s':>8s} {'MB/s':>8s} {'x storescp':>10s} {'x Orthanc':>9s} "
+              f"{'peak RSS MB':>11s}")
         ref = statistics.median(run_storescp(series, work, args.load) for _ in range(args.repeat))
         orthanc = statistics.median(run_orthanc(series, work, args.load) for _ in range(args.repeat))
         floor = statistics.median(run_floor(series, work, args.load) for _ in range(args.repeat))
+        peaks = {"Orthanc (tuned)": PEAK_MB["orthanc"]}
         rows = [("DCMTK storescp", ref), ("Orthanc (tuned)", orthanc), ("pynetdicom, receive and discard", floor)]
         for processes in args.processes:
             seconds = statistics.median(run_node(series, work, args.load, True, processes, timeout_s=2.0)
                                         for _ in range(args.repeat))
             rows.append((f"ainode serve (processes={processes})", seconds))
+            peaks[rows[-1][0]] = PEAK_MB["node"]
         for name, seconds in rows:
+            peak = f"{peaks[name]:11.0f}" if name in peaks else f"{'':11s}"
             print(f"{name:36s} {seconds:8.2f} {n / seconds:8.0f} {mb / seconds:8.1f} {ref / seconds:10.2f} "
-                  f"{orthanc / seconds:9.2f}")
+                  f"{orthanc / seconds:9.2f} {peak}")
         print("every instance stored once, every series assembled once, no errors in the node's log")
 
 

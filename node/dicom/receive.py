@@ -8,7 +8,9 @@ storage SCP that is several hand-overs per instance, each waiting for a poll, an
 threads competing for the GIL. Here, after negotiation, the DUL thread is stopped and the
 association thread does the reading and writing itself: read a PDU, hand it to pynetdicom's
 DIMSE provider (which reassembles the message from its fragments), serve the message with
-pynetdicom's service classes and event handlers, and write the response at once.
+pynetdicom's service classes and event handlers, and write the response at once. A C-STORE's
+data set is written to a spool file (``LeanAssociation.spool``) as it arrives, its middle
+fragments straight from the PDU: the association holds PDUs in memory, never an instance.
 
 pynetdicom keeps everything else: association negotiation (A-ASSOCIATE, the DUL state
 machine until the A-ASSOCIATE-AC is sent), PDU decoding, DIMSE reassembly and encoding, the
