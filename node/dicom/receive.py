@@ -41,7 +41,6 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import A_ABORT_RQ, A_RELEASE_RP, P_DATA_TF
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE, P_DATA
-
 from pynetdicom.transport import RequestHandler
 
 from node.dicom.wire import c_store_rsp
@@ -81,6 +80,11 @@ class LeanAssociation(Association):
         self._is_paused = True                    # nothing waits on pynetdicom's reactor checkpoint
         try:
             self._serve(sock)
+        except Exception as exc:  # noqa: BLE001 - one line, not a thread's traceback
+            if not sock.reported:
+                sock._fail(f"association ended by {type(exc).__name__}: {str(exc)[:200]}")
+            log.debug("lean receive path", exc_info=True)
+            self._ended("aborted", send_abort=True)
         finally:
             self.is_established = False
             self._drop_spooled()
