@@ -164,6 +164,7 @@ class LeanAssociation(Association):
             if msg is None:
                 break
             self._serve_request(msg, int(context_id or 0))   # pynetdicom's service classes and our handlers
+            _remove_spooled(msg._dataset_file)   # a message refused before its handler ran leaves no file
         return not self._kill
 
     def _spool_data_set(self) -> None:
@@ -184,11 +185,7 @@ class LeanAssociation(Association):
 
     def _drop_spooled(self) -> None:
         """An association that ended in the middle of a data set leaves no file behind."""
-        msg = self.dimse.message
-        file = getattr(msg, "_data_set_file", None) if msg is not None else None
-        if file is not None:
-            file.close()
-            Path(file.name).unlink(missing_ok=True)
+        _remove_spooled(getattr(self.dimse.message, "_data_set_file", None))
 
     def _ended(self, how: str, send_abort: bool = False) -> None:
         if self._sent_abort or self.is_aborted or self.is_released:
@@ -274,6 +271,14 @@ def _pdvs(pdu: bytearray) -> Iterator[tuple[int, int, memoryview]]:
             raise ValueError(f"PDV item of length {length} in a PDU of {end} bytes")
         yield view[at + 4], view[at + 5], view[at + 6:at + 4 + length]
         at += 4 + length
+
+
+def _remove_spooled(file: Any) -> None:
+    """A spool file that was not renamed into place (pynetdicom removes it itself only after
+    a handler ran; a message refused before, or cut off, would leave it)."""
+    if file is not None:
+        file.close()
+        Path(file.name).unlink(missing_ok=True)
 
 
 def _release_rp() -> A_RELEASE:
