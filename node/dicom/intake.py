@@ -62,6 +62,10 @@ STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePres
 
 #: The last tag of :data:`_HEADER_KEYS` (SeriesInstanceUID): a received data set is read up to it.
 _LAST_HEADER_TAG = 0x0020000E
+#: A spool keeps this many of a data set's first bytes, and its header is read from them when it
+#: ends within them (no second read of the file; pydicom reading a file asks the kernel for its
+#: position at every element).
+_HEAD_BYTES = 64 * 1024
 #: How much of a deflated data set is inflated to read its header.
 _MAX_INFLATED_HEADER = 16 * 1024 * 1024
 _HEADER_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality",
@@ -159,7 +163,10 @@ class Intake:
             spool.error = f"cannot write the file: {exc.strerror or exc}"
             return spool
         spool = Spool(path, fh, len(meta), self)
-        spool.write(meta)
+        try:
+            fh.write(meta)
+        except OSError as exc:
+            spool.error = f"cannot write the file: {exc.strerror or exc}"
         return spool
 
     def accept_spooled(self, spool: Spool, transfer_syntax: str, sop_uid: str, sop_class_uid: str,
@@ -262,9 +269,12 @@ class Spool:
         self._fh: BinaryIO | None = fh
         self._intake = intake
         self._unchecked = 0
+        self.head = bytearray()             # the data set's first _HEAD_BYTES, kept for its header
         self.file = self
 
     def write(self, data: bytes) -> None:
+        if len(self.head) < _HEAD_BYTES:
+            self.head += data[:_HEAD_BYTES - len(self.head)]
         if self.error or self._fh is None:
             return
         try:
@@ -333,11 +343,7 @@ def read_header(stream: BinaryIO, transfer_syntax: str, sop_uid: str, sop_class_
             ds = read_dataset(BytesIO(_inflate_head(stream)), False, True, stop_when=past_header)
         else:
             ds = read_dataset(stream, ts.is_implicit_VR, ts.is_little_endian, stop_when=past_header)
-        if whole and not stopped:
-            raise _NotWithin()
         values = {k: _text(ds, k) for k in _HEADER_KEYS}
-    except _NotWithin:
-        raise
     except Exception as exc:  # noqa: BLE001 - untrusted bytes: any failure to parse is a refusal
         if whole:
             raise _NotWithin() from None    # perhaps only cut off by the end of the bytes given
@@ -345,25 +351,21 @@ def read_header(stream: BinaryIO, transfer_syntax: str, sop_uid: str, sop_class_
         raise Refused(CANNOT_UNDERSTAND, f"data set cannot be decoded: {type(exc).__name__}: {exc}") from None
     finally:
         stream.seek(start)
+    if whole and not stopped:
+        raise _NotWithin()
     return _checked(values, sop_uid, sop_class_uid)
 
 
-#: A spooled data set's header is read from this many bytes in memory when it lies within them
-#: (pydicom reading a file asks the kernel for its position at every element).
-_HEAD_BYTES = 64 * 1024
-
-
 def _read_spooled_header(spool: Spool, transfer_syntax: str, sop_uid: str, sop_class_uid: str) -> Header:
-    """:func:`read_header` of a spooled data set: from its first bytes in memory when the
+    """:func:`read_header` of a spooled data set: from the first bytes the spool kept when the
     header ends within them, else from the file."""
-    with spool.path.open("rb") as fh:
-        fh.seek(spool.offset)
-        head = fh.read(_HEAD_BYTES)
-        if len(head) < _HEAD_BYTES:
-            return read_header(BytesIO(head), transfer_syntax, sop_uid, sop_class_uid)
-        try:
-            return read_header(BytesIO(head), transfer_syntax, sop_uid, sop_class_uid, whole=True)
-        except _NotWithin:
+    head = BytesIO(spool.head)
+    if len(spool.head) < _HEAD_BYTES:       # the whole data set
+        return read_header(head, transfer_syntax, sop_uid, sop_class_uid)
+    try:
+        return read_header(head, transfer_syntax, sop_uid, sop_class_uid, whole=True)
+    except _NotWithin:
+        with spool.path.open("rb") as fh:
             fh.seek(spool.offset)
             return read_header(fh, transfer_syntax, sop_uid, sop_class_uid)
 

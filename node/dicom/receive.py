@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 _P_DATA, _RELEASE_RQ, _ABORT = 0x04, 0x05, 0x07
 #: The longest C-STORE-RSP command set (two 64-character UIDs) and its PDV header.
 _LONGEST_RSP = 220
+#: The largest data set of a message other than C-STORE (an MPPS N-CREATE or N-SET, a few KB)
+#: that pynetdicom may hold in memory; a C-STORE data set is spooled to disk instead.
+MAX_IN_MEMORY_DATA_SET = 16 * 1024 * 1024
 #: How long the take-over waits for pynetdicom's DUL thread to send the A-ASSOCIATE-AC.
 _HANDOVER_S = 5.0
 
@@ -59,6 +62,7 @@ class LeanAssociation(Association):
     """A pynetdicom acceptor association whose established phase runs on the lean path."""
 
     lean = False
+    _in_memory = 0              # bytes of the data set being received that pynetdicom holds
     #: Where a C-STORE's data set is written while it is received: called with its SOP Class
     #: UID, SOP Instance UID and transfer syntax, returns a file-like object with ``name``
     #: (its path), ``offset`` (where the data set begins), ``write``, ``file.flush`` and
@@ -84,7 +88,7 @@ class LeanAssociation(Association):
             if not sock.reported:
                 sock._fail(f"association ended by {type(exc).__name__}: {str(exc)[:200]}")
             log.debug("lean receive path", exc_info=True)
-            self._ended("aborted", send_abort=True)
+            self._ended(send_abort=True)
         finally:
             self.is_established = False
             self._drop_spooled()
@@ -110,15 +114,15 @@ class LeanAssociation(Association):
             try:
                 pdu = _read_pdu(sock)
             except PeerError:                      # its one line is logged already
-                self._ended("aborted", send_abort=True)
+                self._ended(send_abort=True)
                 return
             if pdu is None:                        # the peer closed the connection
                 if not self._kill:
-                    self._ended("aborted")
+                    self._ended()
                 return
-            kind = pdu[0]
+            kind, body = pdu
             if kind == _P_DATA:
-                if not self._receive(sock, pdu):
+                if not self._receive(sock, body):
                     return
             elif kind == _RELEASE_RQ:
                 self._send_now(_release_rp())
@@ -127,11 +131,11 @@ class LeanAssociation(Association):
                 evt.trigger(self, evt.EVT_RELEASED, {})
                 return
             elif kind == _ABORT:
-                self._ended("aborted")
+                self._ended()
                 return
             else:
                 sock._fail(f"unexpected PDU of type 0x{kind:02X} in an established association")
-                self._ended("aborted", send_abort=True)
+                self._ended(send_abort=True)
                 return
 
     def _receive(self, sock: FastSocket, data: bytearray) -> bool:
@@ -145,19 +149,25 @@ class LeanAssociation(Association):
                 if control & 0x03 == 0 and spooled is not None:
                     spooled.write(fragment)            # a middle fragment of a spooled data set
                     continue
+                if not control & 0x01 and spooled is None:
+                    self._in_memory += len(fragment)   # pynetdicom keeps this data set in memory
+                    if self._in_memory > MAX_IN_MEMORY_DATA_SET:
+                        raise ValueError(f"a data set of more than {MAX_IN_MEMORY_DATA_SET} bytes "
+                                         "in a message other than C-STORE")
                 primitive = P_DATA()
                 primitive.presentation_data_value_list = [[context_id, bytes([control]) + fragment]]
                 self.dimse.receive_primitive(primitive)
                 if control & 0x03 == 0x03:             # the last fragment of a command set
+                    self._in_memory = 0
                     self._spool_data_set()
         except Exception as exc:  # noqa: BLE001 - untrusted bytes: any failure ends the association
             if not sock.reported:
                 sock._fail(f"invalid P-DATA ({type(exc).__name__}: {str(exc)[:100]})")
-            self._ended("aborted", send_abort=True)
+            self._ended(send_abort=True)
             return False
         if not self.dul.event_queue.empty():       # pynetdicom flagged an invalid DIMSE message
             sock._fail("invalid DIMSE message")
-            self._ended("aborted", send_abort=True)
+            self._ended(send_abort=True)
             return False
         while not self._kill:
             context_id, msg = self.dimse.get_msg(block=False)
@@ -175,8 +185,8 @@ class LeanAssociation(Association):
         if spool is None or not isinstance(msg, C_STORE_RQ) or msg._data_set_file is not None:
             return
         context = self._accepted_cx.get(int(msg.context_id or 0))
-        if context is None:
-            return                                  # pynetdicom refuses the message when it is complete
+        if context is None:         # pynetdicom would abort once the data set is in; abort now
+            raise ValueError(f"C-STORE-RQ on presentation context {msg.context_id}, which was not accepted")
         command = msg.command_set
         file = spool(str(command.get("AffectedSOPClassUID", "") or ""),
                      str(command.get("AffectedSOPInstanceUID", "") or ""), str(context.transfer_syntax[0]))
@@ -187,7 +197,7 @@ class LeanAssociation(Association):
         """An association that ended in the middle of a data set leaves no file behind."""
         _remove_spooled(getattr(self.dimse.message, "_data_set_file", None))
 
-    def _ended(self, how: str, send_abort: bool = False) -> None:
+    def _ended(self, send_abort: bool = False) -> None:
         if self._sent_abort or self.is_aborted or self.is_released:
             return
         if send_abort:
@@ -244,7 +254,7 @@ class LeanAssociation(Association):
             return
         if self._sent_abort or self.is_released:
             return
-        self._ended("aborted", send_abort=True)
+        self._ended(send_abort=True)
         self.kill()
         sock = self.dul.socket
         if sock is not None:
@@ -256,13 +266,13 @@ class LeanAssociation(Association):
 
 def _pdvs(pdu: bytearray) -> Iterator[tuple[int, int, memoryview]]:
     """The presentation context ID, message control header and fragment (a view into the
-    PDU, not a copy) of each PDV item of a P-DATA-TF PDU (PS3.8 9.3.5).
+    PDU, not a copy) of each PDV item of a P-DATA-TF PDU's body (PS3.8 9.3.5).
 
     Raises:
         ValueError: an item's length is shorter than its header or runs past the PDU.
     """
     view = memoryview(pdu)
-    at, end = 6, len(pdu)
+    at, end = 0, len(pdu)
     while at < end:
         if end - at < 6:
             raise ValueError(f"{end - at} bytes after the last PDV item")
@@ -287,8 +297,9 @@ def _release_rp() -> A_RELEASE:
     return primitive
 
 
-def _read_pdu(sock: FastSocket) -> bytearray | None:
-    """One whole PDU (header included), or None when the peer closed the connection."""
+def _read_pdu(sock: FastSocket) -> tuple[int, bytearray] | None:
+    """One whole PDU: its type and its body (after the 6-byte header), or None when the peer
+    closed the connection. The body's length is checked by ``sock`` before it is allocated."""
     head = sock.recv(6)
     if len(head) < 6:
         return None
@@ -296,8 +307,7 @@ def _read_pdu(sock: FastSocket) -> bytearray | None:
     body = sock.recv(length) if length else bytearray()
     if len(body) < length:
         return None
-    head += body
-    return head
+    return head[0], body
 
 
 class FastRequestHandler(RequestHandler):
