@@ -1,14 +1,15 @@
 """The figure that matters for triage: last instance acknowledged -> SEG + SR at the PACS.
 
-    python benchmarks/completion.py [--slices 64] [--size 256] [--repeat 3]
+    python benchmarks/completion.py [--slices 64] [--size 256] [--repeat 3] [--timer 10]
+                                    [--modes timer mpps release]
 
 A CT series goes by DCMTK storescu into ``ainode serve`` (ct-tissue, CPU) and the results to
 a storage SCP on loopback that notes when each arrives. Three ways the series is known to be
-complete: the quiet timer alone (``series_timeout_s = 10``), an MPPS COMPLETED sent right after
+complete: the quiet timer alone (``series_timeout_s``, ``--timer``), an MPPS COMPLETED sent right after
 the last instance (pynetdicom's SCU), and the release of the association by a sender named in
 ``ingest.complete_on_release`` (grace 0.5 s). Printed beside Orthanc's and mercure's default
 stability times (60 s each: nothing is analysed before), and the model's own compute from the
-node's log. Figures, not assertions.
+node's log, and the job's stages as the node logged them (medians). Figures, not assertions.
 """
 
 from __future__ import annotations
@@ -71,14 +72,13 @@ def mpps(port: int, phantom, files) -> None:
     assoc.release()
 
 
-def run(mode: str, phantom, work: Path, models: Path) -> tuple[float, float]:
+def run(mode: str, phantom, work: Path, models: Path, timer: float) -> tuple[float, dict[str, float]]:
     """Seconds from the last instance acknowledged to both results at the PACS, and the
-    model's run time the node logged."""
+    job's stage timings the node logged."""
     pacs = DemoPacs("PACS")
     data = work / f"node-{mode}"
     shutil.rmtree(data, ignore_errors=True)
     port = free_port()
-    timer = 10.0
     config = work / f"{mode}.toml"
     config.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data}"\n'
                       f'[ingest]\nseries_timeout_s = {timer}\nmin_free_disk_mb = 100\n'
@@ -114,8 +114,8 @@ def run(mode: str, phantom, work: Path, models: Path) -> tuple[float, float]:
         proc.terminate()
         proc.wait(60)
         pacs.stop()
-    run_s = float(re.findall(r"run (\d+\.\d+)s", log.read_text())[-1])
-    return arrived - last, run_s
+    stages = re.findall(r"done in [\d.]+ s: (.*)", log.read_text())[-1]
+    return arrived - last, {k: float(v) for k, v in re.findall(r"(\w+) (\d+\.\d+)s", stages)}
 
 
 def main() -> int:
@@ -123,6 +123,8 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=64)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--timer", type=float, default=10.0, help="series_timeout_s of the quiet-timer runs")
+    ap.add_argument("--modes", nargs="+", choices=["timer", "mpps", "release"], default=["timer", "mpps", "release"])
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="ainode-completion-") as tmp:
         work = Path(tmp)
@@ -133,14 +135,16 @@ def main() -> int:
         phantom = make_ct_series(work / "ct", slices=args.slices, size=args.size)
         print(f"{args.slices} x {args.size}^2 CT, ct-tissue on the CPU; last instance acknowledged -> "
               f"SEG + SR at the PACS; median of {args.repeat}")
-        print(f"{'how the series is known complete':40s} {'seconds':>8s} {'model run':>10s}")
-        for mode, name in (("timer", "quiet timer (series_timeout_s = 10)"), ("mpps", "MPPS COMPLETED"),
-                           ("release", "association release (grace 0.5 s)")):
-            figures = [run(mode, phantom, work, models) for _ in range(args.repeat)]
-            print(f"{name:40s} {statistics.median(f[0] for f in figures):8.2f} "
-                  f"{statistics.median(f[1] for f in figures):10.2f}")
+        names = {"timer": f"quiet timer (series_timeout_s = {args.timer:g})", "mpps": "MPPS COMPLETED",
+                 "release": "association release (grace 0.5 s)"}
+        stages = ("decode", "preprocess", "run", "postprocess", "encode")
+        print(f"{'how the series is known complete':40s} {'seconds':>8s} " + " ".join(f"{s:>11s}" for s in stages))
+        for mode in args.modes:
+            figures = [run(mode, phantom, work, models, args.timer) for _ in range(args.repeat)]
+            print(f"{names[mode]:40s} {statistics.median(f[0] for f in figures):8.2f} "
+                  + " ".join(f"{statistics.median(f[1].get(s, 0.0) for f in figures):11.2f}" for s in stages))
         for name, seconds in REFERENCE_STABILITY_S.items():
-            print(f"{name:40s} {'>= ' + format(seconds, '.0f'):>8s} {'':>10s}  (before any analysis starts)")
+            print(f"{name:40s} {'>= ' + format(seconds, '.0f'):>8s}  (before any analysis starts)")
     return 0
 
 

@@ -105,17 +105,20 @@ def run_job(runtime: ModelRuntime, files: list[Path]) -> dict[str, float]:
     """One job as the worker runs it, timed by stage."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    volume = load_series(files)
+    m = runtime.manifest
+    volume = load_series(files, lazy=m.input.kind != "volume")
     timings["decode"] = time.perf_counter() - t
     prediction = runtime.run(volume)
-    timings.update(prediction.timings)
+    for stage, seconds in prediction.timings.items():
+        timings[stage] = timings.get(stage, 0.0) + seconds
+    headers, frames = volume.headers, volume.frames
+    del volume
     t = time.perf_counter()
-    m = runtime.manifest
     if prediction.masks is not None:
-        result = encode_segmentation(volume.headers, prediction.masks, m, "bench", frames=volume.frames)
+        result = encode_segmentation(headers, prediction.masks, m, "bench", frames=frames)
         outputs = [result.seg, result.sr]
     else:
-        sr, _ = encode_classification(volume.headers, prediction.scores, m, "bench")
+        sr, _ = encode_classification(headers, prediction.scores, m, "bench")
         outputs = [sr]
     for ds in outputs:
         ds.save_as(BytesIO(), enforce_file_format=True)

@@ -51,6 +51,7 @@ from node.inference.volume import load_series
 from node.metrics import Metrics
 from node.results.encode import (encode_classification, encode_image_classifications, encode_rejection,
                                  encode_segmentation)
+from node.results.encode import warm_up as warm_up_encoder
 from node.routing.assembler import Assembler
 from node.routing.notifier import Notifier
 from node.routing.notify import webhook_url
@@ -86,6 +87,7 @@ class Inference(Stage):
         self.current: JobRow | None = None       # the job running now (the node's heartbeat says it)
 
     def run_loop(self) -> None:
+        self._warm_up_encoder()
         while not self.stopping:
             job = self.claim()
             if job is None:
@@ -97,6 +99,19 @@ class Inference(Stage):
                     self.process_job(job)
             finally:
                 self.current = None
+
+    def _warm_up_encoder(self) -> None:
+        """One made-up SEG before the first job, so that the first study's result does not
+        wait for highdicom's start; a failure here is logged and changes nothing else."""
+        manifests = [rt.manifest for rt in self.state().models.values() if rt.manifest.task == "segmentation"]
+        if not manifests:
+            return
+        try:
+            seconds = warm_up_encoder(manifests[0])
+        except Exception as exc:  # noqa: BLE001 - a warm-up only: the jobs report their own errors
+            log.warning("SEG encoder warm-up failed (%s); the first result pays highdicom's start", first_line(exc))
+        else:
+            log.info("SEG encoder warmed up in %.2f s", seconds)
 
     def claim(self) -> JobRow | None:
         """The next job to run. A job is counted at each claim, so one that was running when
@@ -262,24 +277,27 @@ class Inference(Stage):
         job_key = f"{series_uid}|{manifest.name}|{manifest.version}|{fingerprint}"
         if manifest.input.kind == "image" and len(paths) > 1:
             return self._run_images(runtime, job, paths, job_key, fingerprint, timings, t)
-        volume = load_series(paths)
+        # A 2D model gets its planes decoded batch by batch; a volume model needs them all.
+        volume = load_series(paths, lazy=manifest.input.kind != "volume")
         timings["decode"] = time.perf_counter() - t
 
         prediction = runtime.run(volume)
-        timings.update(prediction.timings)
+        for stage, seconds in prediction.timings.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
+        headers, frames = volume.headers, volume.frames
+        del volume                           # the encoder needs the headers only, not the pixels
 
         t = time.perf_counter()
         summary: dict[str, Any] = {"model": manifest.name, "version": manifest.version,
-                                   "provider": prediction.provider, "slices": int(volume.pixels.shape[0]),
+                                   "provider": prediction.provider, "slices": len(headers),
                                    "input_fingerprint": fingerprint}
         if prediction.masks is not None:
-            result = encode_segmentation(volume.headers, prediction.masks, manifest, job_key,
-                                         frames=volume.frames)
+            result = encode_segmentation(headers, prediction.masks, manifest, job_key, frames=frames)
             outputs = {"seg.dcm": result.seg, "sr.dcm": result.sr}
             summary["volumes_ml"] = {v.name: round(v.volume_ml, 3) for v in result.volumes}
         else:
             assert prediction.scores is not None
-            sr, findings = encode_classification(volume.headers, prediction.scores, manifest, job_key)
+            sr, findings = encode_classification(headers, prediction.scores, manifest, job_key)
             outputs = {"sr.dcm": sr}
             summary["findings"] = [dict(name=f.name, probability=round(f.probability, 4), positive=f.positive,
                                         priority=f.priority) for f in findings]

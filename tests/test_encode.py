@@ -13,11 +13,14 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from node.results.encode import (encode_rejection, 
+from node.results.encode import (
+    OVERLAP_CHUNK_SLICES,
     SegmentationResult,
     derive_uid,
     encode_classification,
+    encode_rejection,
     encode_segmentation,
+    segments_overlap,
 )
 from node.errors import InputError
 from node.inference.manifest import (
@@ -259,6 +262,25 @@ def test_non_overlapping_segments_round_trip(series, tissue, tmp_path):
     seg = hd.seg.segread(_saved(result.seg, tmp_path / "seg.dcm"))
     assert seg.SegmentsOverlap == "NO"
     assert np.array_equal(read_masks(seg, series), masks)
+
+
+@pytest.mark.parametrize("where", [None, 0, OVERLAP_CHUNK_SLICES - 1, OVERLAP_CHUNK_SLICES, 2 * OVERLAP_CHUNK_SLICES + 3])
+def test_overlap_check_agrees_with_highdicoms_own(where):
+    """The chunked overlap check gives highdicom's answer wherever the one shared voxel lies,
+    chunk edges included, with and without the per-slice counts."""
+    rng = np.random.default_rng(5)
+    slices = 2 * OVERLAP_CHUNK_SLICES + 5
+    labels = rng.integers(0, 4, size=(slices, 8, 8))
+    masks = np.stack([labels == k for k in (1, 2, 3)], axis=-1)      # disjoint
+    if where is not None:
+        masks[where, 3, 4, :2] = True                                 # one voxel in two segments
+    planes = np.ascontiguousarray(np.moveaxis(masks, -1, 0))
+    counts = np.array([[np.count_nonzero(p) for p in channel] for channel in planes]).T
+    _, theirs = hd.seg.Segmentation._check_and_cast_pixel_array(
+        masks, np.array([1, 2, 3]), hd.seg.SegmentationTypeValues.BINARY, np.uint8)
+    assert theirs == (hd.seg.SegmentsOverlapValues.YES if where is not None else hd.seg.SegmentsOverlapValues.NO)
+    assert segments_overlap(planes) is (where is not None)
+    assert segments_overlap(planes, counts) is (where is not None)
 
 
 def test_empty_segment(series, tissue, tmp_path):

@@ -123,6 +123,7 @@ def test_study_in_results_out(dcmtk, orthanc, make_node, tmp_path):
     assert str(seg.SOPInstanceUID) in audit and "delivered" in audit
     assert "no usable GPU" in node.log_text()       # said once, in one line, then the CPU runs it
     assert node.log_text().count("no usable GPU") == 1
+    assert "SEG encoder warmed up" in node.log_text()   # before the first job, so that it does not pay
 
 
 def _dataset(**overrides) -> Dataset:

@@ -9,6 +9,8 @@ the decision threshold.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from onnx import TensorProto
@@ -136,7 +138,7 @@ def test_image_classifier_with_letterbox_and_monochrome1(tmp_path, layout):
     expected = sigmoid(dense @ feat + dense_b)
     assert pred.scores.shape == (2,) and np.allclose(pred.scores, expected, atol=1e-5)
     assert pred.masks is None and pred.provider == "CPUExecutionProvider"
-    assert set(pred.timings) == {"preprocess", "run", "postprocess"}
+    assert set(pred.timings) == {"decode", "preprocess", "run", "postprocess"}
 
 
 def test_image_segmentation_stretched_back_to_source(tmp_path):
@@ -197,6 +199,41 @@ def test_slices_labelmap_nhwc_in_batches_with_padding(tmp_path):
         assert clear.mean() > 0.95
         assert np.array_equal(pred.masks[k, :, :, 0][clear], (back == 1)[clear])
         assert np.array_equal(pred.masks[k, :, :, 1][clear], (back == 2)[clear])
+
+
+class _Decoder:
+    """A lazy volume's plane source that records what it is asked to decode."""
+
+    def __init__(self, pixels):
+        self.pixels, self.shape, self.calls = pixels.astype(np.float32), pixels.shape, []
+
+    def decode(self, start, stop):
+        self.calls.append((start, stop))
+        return self.pixels[start:stop].copy()
+
+
+@pytest.mark.parametrize("normalisation", ["none", "zscore"])
+def test_slices_model_decodes_a_lazy_volume_batch_by_batch(tmp_path, normalisation):
+    """A ``slices`` model never asks for the whole volume at once: each batch is decoded on
+    its own (and whole-series statistics a chunk at a time); the output equals the eager run."""
+    folder = om.package(tmp_path, "lab2d", om.labels([-0.5, 0.8], "NCHW"), f"""
+        [input]
+        modalities = ["MR"]
+        kind = "slices"
+        normalisation = "{normalisation}"
+        batch_size = 3
+        [output]
+        kind = "labelmap"
+        """, segments=[(1, "middle"), (2, "high")])
+    img = RNG.normal(0, 1, (40, 20, 30))
+    rt = runtime(folder)
+    eager = rt.run(series(img, "MR"))
+    source = _Decoder(img)
+    lazy = rt.run(replace(series(img, "MR"), pixels=None, source=source))
+    assert np.array_equal(lazy.masks, eager.masks)
+    assert max(stop - start for start, stop in source.calls) <= 16
+    batches = [c for c in source.calls if c[1] - c[0] <= 3]
+    assert sorted(batches) == [(k, min(k + 3, 40)) for k in range(0, 40, 3)]
 
 
 def test_slices_probabilities_argmax_nchw(tmp_path):

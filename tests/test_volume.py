@@ -11,6 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID
 
@@ -117,6 +118,38 @@ def test_every_transfer_syntax_gives_identical_pixels(tmp_path, ts, signed):
     assert np.array_equal(a.pixels, b.pixels)
     assert a.spacing == b.spacing and a.positions == b.positions
     assert all("PixelData" not in h for h in b.headers)
+
+
+@pytest.mark.parametrize("ts", SUPPORTED_TRANSFER_SYNTAXES, ids=lambda t: UID(t).keyword)
+def test_lazy_load_decodes_the_same_planes_on_demand(tmp_path, ts):
+    """``lazy``: only headers are read at first (192 x 192 planes, so that uncompressed pixel
+    data is left in the file); planes decoded on demand, any range, equal the eager load."""
+    files = make_ct_series(tmp_path / "ct", 6, 192, seed=3, signed=True, transfer_syntax=ts).files
+    eager = load_series(files)
+    lazy = load_series(list(reversed(files)), lazy=True)
+    assert lazy.pixels is None and lazy.shape == eager.shape == (6, 192, 192)
+    assert all("PixelData" not in h for h in lazy.headers)
+    assert np.array_equal(lazy.planes(2, 4), eager.pixels[2:4])
+    assert np.array_equal(lazy.planes(), eager.pixels)
+    assert np.array_equal(np.concatenate(list(lazy.chunks(4))), eager.pixels)
+    assert all("PixelData" not in h for h in lazy.headers), "decoded pixels stay out of the headers"
+    assert lazy.positions == eager.positions and lazy.spacing == eager.spacing
+
+
+def test_lazy_load_checks_sizes_first_and_reports_bad_data_when_decoded(tmp_path):
+    """Uncompressed pixel data too short for its header is refused by the header pass; a
+    compressed plane that cannot be decoded is refused when it is decoded, naming the file."""
+    plain = make_ct_series(tmp_path / "ct", 4, 192, seed=3).files
+    _edit(plain[2], lambda ds: setattr(ds, "PixelData", ds.PixelData[:1000]))
+    with pytest.raises(InputError, match=f"{plain[2].name}: pixel data cannot be decoded "
+                                         "\\(1000 bytes of pixel data, 73728 expected"):
+        load_series(plain, lazy=True)
+    rle = make_ct_series(tmp_path / "rle", 4, 192, seed=3, transfer_syntax=pydicom.uid.RLELossless).files
+    _edit(rle[2], lambda ds: setattr(ds, "PixelData", encapsulate([bytes(64)])))
+    volume = load_series(rle, lazy=True)
+    assert np.array_equal(volume.planes(0, 2), load_series(rle[:2]).pixels)
+    with pytest.raises(InputError, match=f"{rle[2].name}: pixel data cannot be decoded"):
+        volume.planes(2, 3)
 
 
 def test_monochrome1_flagged_not_inverted(series, truth):

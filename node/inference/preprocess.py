@@ -58,7 +58,10 @@ def representable_range(volume: SeriesVolume) -> tuple[float, float]:
             lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
             a, b = lo * slope + intercept, hi * slope + intercept
             return (min(a, b), max(a, b))
-    return (float(volume.pixels.min()), float(volume.pixels.max()))
+    low, high = np.inf, -np.inf
+    for chunk in volume.chunks():
+        low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+    return (low, high)
 
 
 def intensity_for(volume: SeriesVolume, spec: InputSpec) -> Intensity:
@@ -75,16 +78,36 @@ def intensity_for(volume: SeriesVolume, spec: InputSpec) -> Intensity:
         gain = 1.0 / spec.std
         bias = -spec.mean * gain
     elif spec.normalisation in ("zscore", "minmax"):
-        x = apply_intensity(volume.pixels, Intensity(invert=invert, window=window))
+        mean, std, low, high = series_statistics(volume, Intensity(invert=invert, window=window))
         if spec.normalisation == "zscore":
-            mean, std = float(x.mean(dtype=np.float64)), float(x.std(dtype=np.float64))
             gain = 1.0 / max(std, MIN_RANGE)
             bias = -mean * gain
         else:
-            low, high = float(x.min()), float(x.max())
             gain = 1.0 / max(high - low, MIN_RANGE)
             bias = -low * gain
     return Intensity(invert=invert, window=window, gain=gain, bias=bias)
+
+
+def series_statistics(volume: SeriesVolume, intensity: Intensity) -> tuple[float, float, float, float]:
+    """Mean, standard deviation, minimum and maximum of the series with ``intensity``
+    applied, a few slices at a time (Chan et al.'s pairwise update of the mean and the sum of
+    squared deviations): no whole-volume copy, and a lazy volume is decoded chunk by chunk."""
+    count, mean, m2 = 0, 0.0, 0.0
+    low, high = np.inf, -np.inf
+    for chunk in volume.chunks():
+        x = apply_intensity(chunk, intensity).astype(np.float64)
+        n = x.size
+        if not n:
+            continue
+        m = float(x.mean())
+        x -= m
+        total = count + n
+        delta = m - mean
+        m2 += float(np.dot(x.ravel(), x.ravel())) + delta * delta * count * n / total
+        mean += delta * n / total
+        count = total
+        low, high = min(low, float(x.min()) + m), max(high, float(x.max()) + m)
+    return mean, (m2 / count) ** 0.5 if count else 0.0, float(low), float(high)
 
 
 def apply_intensity(x: np.ndarray, intensity: Intensity, out: np.ndarray | None = None) -> np.ndarray:
@@ -176,7 +199,12 @@ def model_planes(volume: SeriesVolume, spec: InputSpec, start: int = 0, stop: in
     intensity handled, resized and padded, in ``spec.layout`` and ``spec.dtype``."""
     intensity = intensity if intensity is not None else intensity_for(volume, spec)
     where = where if where is not None else placement(volume.shape[1:], spec)  # type: ignore[arg-type]
-    x = to_model_plane(apply_intensity(volume.pixels[start:stop], intensity), where, spec.pad_value)
+    return model_input(volume.planes(start, stop), spec, intensity, where)
+
+
+def model_input(planes: np.ndarray, spec: InputSpec, intensity: Intensity, where: Placement) -> np.ndarray:
+    """:func:`model_planes` of planes already decoded (physical values, ``(n, rows, cols)``)."""
+    x = to_model_plane(apply_intensity(planes, intensity), where, spec.pad_value)
     x = x[:, None, :, :] if spec.layout == "NCHW" else x[:, :, :, None]
     return np.ascontiguousarray(x, dtype=np.float16 if spec.dtype == "float16" else np.float32)
 
@@ -189,7 +217,7 @@ def target_shape(volume: SeriesVolume, spec: InputSpec) -> tuple[int, int, int]:
         return (int(spec.size[0]), int(spec.size[1]), int(spec.size[2]))
     if spec.spacing:
         return tuple(max(1, round(n * s / t)) for n, s, t in  # type: ignore[return-value]
-                     zip(volume.pixels.shape, volume.spacing, spec.spacing))
+                     zip(volume.shape, volume.spacing, spec.spacing))
     return volume.shape
 
 

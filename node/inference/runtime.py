@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,7 +31,7 @@ from node.errors import ConfigError, InputError
 from node.inference.graph import GraphIO, channel_axis, check_graph, check_output, spatial_axes, warmup_shape
 from node.inference.manifest import ModelManifest
 from node.inference.preprocess import (
-    Intensity, Placement, apply_intensity, from_model_plane, intensity_for, model_planes,
+    Intensity, Placement, apply_intensity, from_model_plane, intensity_for, model_input, model_planes,
     placement, resample, resample_chunks, target_shape,
 )
 from node.inference.sliding import sliding_window
@@ -212,7 +213,7 @@ class ModelRuntime:
                 names = ", ".join(_uid_name(u) for u in spec.sop_classes)
                 raise InputError(f"model {m.name} takes {names}; series is "
                                  f"{_uid_name(sop_class) if sop_class else 'without SOPClassUID'}")
-        n = volume.pixels.shape[0]
+        n = volume.shape[0]
         if spec.kind == "image" and n != 1:
             raise InputError(f"model {m.name} takes one 2D image, series has {n}")
         if spec.kind == "volume":
@@ -238,8 +239,8 @@ class ModelRuntime:
     def _run_planes(self, volume: SeriesVolume) -> Prediction:
         """``image`` and ``slices``: planes in batches, each batch's output in place."""
         m = self.manifest
-        n, rows, cols = volume.pixels.shape
-        timings = dict.fromkeys(("preprocess", "run", "postprocess"), 0.0)
+        n, rows, cols = volume.shape
+        timings = dict.fromkeys(("decode", "preprocess", "run", "postprocess"), 0.0)
         t = time.perf_counter()
         intensity = intensity_for(volume, m.input)
         where = placement((rows, cols), m.input)
@@ -251,20 +252,28 @@ class ModelRuntime:
             masks = np.empty((len(m.segments), n, rows, cols), dtype=bool)
         scores = []
         step = m.input.batch_size
-        for start in range(0, n, step):
-            t0 = time.perf_counter()
-            x = self.preprocess(volume, start, start + step, intensity, where)
-            t1 = time.perf_counter()
-            y = self.infer(x)
-            t2 = time.perf_counter()
-            if m.task == "segmentation":
-                self._segment(y, where, out=masks[:, start:start + step])
-            else:
-                scores.append(y.reshape(y.shape[0], -1).astype(np.float32))
-            t3 = time.perf_counter()
-            timings["preprocess"] += t1 - t0
-            timings["run"] += t2 - t1
-            timings["postprocess"] += t3 - t2
+        # A lazy volume's next batch is decoded while the model runs on this one.
+        with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder:
+            pending = decoder.submit(volume.planes, 0, step)
+            for start in range(0, n, step):
+                t0 = time.perf_counter()
+                planes = pending.result()
+                if start + step < n:
+                    pending = decoder.submit(volume.planes, start + step, start + 2 * step)
+                t1 = time.perf_counter()
+                x = model_input(planes, m.input, intensity, where)
+                del planes
+                t2 = time.perf_counter()
+                y = self.infer(x)
+                t3 = time.perf_counter()
+                if m.task == "segmentation":
+                    self._segment(y, where, out=masks[:, start:start + step])
+                else:
+                    scores.append(y.reshape(y.shape[0], -1).astype(np.float32))
+                timings["decode"] += t1 - t0
+                timings["preprocess"] += t2 - t1
+                timings["run"] += t3 - t2
+                timings["postprocess"] += time.perf_counter() - t3
         t = time.perf_counter()
         pred = Prediction(provider=self.provider)
         if m.task == "segmentation":
@@ -335,7 +344,7 @@ class ModelRuntime:
         model's grid (the same result, and usually fewer voxels).
         """
         intensity = intensity_for(volume, self.manifest.input)
-        x = apply_intensity(volume.pixels, replace(intensity, gain=1.0, bias=0.0))
+        x = apply_intensity(volume.planes(), replace(intensity, gain=1.0, bias=0.0))
         x = resample(x, target_shape(volume, self.manifest.input))
         return apply_intensity(x, Intensity(gain=intensity.gain, bias=intensity.bias), out=x)
 

@@ -26,16 +26,18 @@ import logging
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_deferred_data_element
 from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
-from pydicom.uid import (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
                          JPEGLSNearLossless, RLELossless)
 
 from node.errors import InputError
@@ -47,6 +49,8 @@ DUPLICATE_TOL_MM = 0.01
 SPACING_TOL_MM = 0.01
 SPACING_TOL_REL = 0.01
 PIXEL_SPACING_TOL_MM = 1e-4
+#: Values larger than this are left in the file by the header pass (pixel data, in practice).
+DEFER_BYTES = 64 * 1024
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # Decoder plugins measured several times faster than pydicom's default choice.
 _FAST_DECODERS = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls",
@@ -69,7 +73,7 @@ class SeriesVolume:
     ``positions`` (ImagePositionPatient per slice) are empty for an image without geometry.
     """
 
-    pixels: np.ndarray
+    pixels: np.ndarray | None
     headers: tuple[Dataset, ...]
     spacing: tuple[float, float, float]           # (slice, row, col) in mm
     modality: str
@@ -77,10 +81,33 @@ class SeriesVolume:
     orientation: tuple[float, ...] = ()
     positions: tuple[tuple[float, float, float], ...] = ()
     frames: tuple[int, ...] = ()
+    #: Decodes planes on demand when ``pixels`` is ``None`` (``load_series(..., lazy=True)``).
+    source: _Planes | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        if self.pixels is None:
+            assert self.source is not None
+            return self.source.shape
         return tuple(self.pixels.shape)  # type: ignore[return-value]
+
+    def planes(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Physical values of slices ``start:stop``, float32 ``(n, rows, cols)``: a view of
+        ``pixels``, or decoded now from the files (a fresh array each call).
+
+        Raises:
+            InputError: a file's pixel data cannot be decoded (lazy volumes only; an eager
+                one was decoded by :func:`load_series`).
+        """
+        if self.pixels is not None:
+            return self.pixels[start:stop]
+        assert self.source is not None
+        return self.source.decode(*slice(start, stop).indices(self.source.shape[0])[:2])
+
+    def chunks(self, size: int = 16) -> Iterator[np.ndarray]:
+        """The volume ``size`` slices at a time, in order (for whole-series statistics)."""
+        for start in range(0, self.shape[0], size):
+            yield self.planes(start, start + size)
 
     @property
     def has_geometry(self) -> bool:
@@ -124,17 +151,43 @@ class _Slice:
 
     ds: Dataset
     frame: int                       # 1-based frame number, 0 for a single-frame file
-    stored: np.ndarray               # (rows, cols) stored values
+    stored: np.ndarray | None        # (rows, cols) stored values; None: not decoded yet
     position: tuple[float, ...] | None
     orientation: tuple[float, ...] | None
     pixel_spacing: tuple[float, ...] | None
     slope: float
     intercept: float
     name: str
+    path: Path | None = None                     # where a deferred ``stored`` is read from
+    pixel_data: RawDataElement | None = None     # its pixel data element, value not read
 
 
-def load_series(paths: Sequence[Path]) -> SeriesVolume:
+class _Planes:
+    """The slices of a lazily loaded series, decoded a few at a time from their files."""
+
+    def __init__(self, slices: Sequence[_Slice]) -> None:
+        self.slices = list(slices)
+        first = self.slices[0].ds
+        self.shape = (len(self.slices), int(first.Rows), int(first.Columns))
+
+    def decode(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((max(0, stop - start), *self.shape[1:]), dtype=np.float32)
+        for i, s in enumerate(self.slices[start:stop]):
+            stored = s.stored if s.stored is not None else _decode_deferred(s)
+            if stored.shape != self.shape[1:]:
+                raise InputError(f"{s.name}: {stored.shape[0]} x {stored.shape[1]} pixels, "
+                                 f"the header says {self.shape[1]} x {self.shape[2]}")
+            _rescale_into(s, stored, out[i])
+        return out
+
+
+def load_series(paths: Sequence[Path], *, lazy: bool = False) -> SeriesVolume:
     """Read the files of one series and stack them in geometric order.
+
+    With ``lazy``, only the headers are read now, and each single-frame image's pixel data is
+    read and decoded when :meth:`SeriesVolume.planes` asks for it (``pixels`` is ``None``):
+    a model that works slice by slice does not need the whole volume in memory. Enhanced
+    multi-frame files are decoded at once either way.
 
     Raises:
         InputError: for unreadable or non-image files, more than one series, colour images,
@@ -161,13 +214,12 @@ def load_series(paths: Sequence[Path]) -> SeriesVolume:
         pixel_spacing = slices[0].pixel_spacing
         geometric = True
 
-    rows, cols = slices[0].stored.shape
-    pixels = np.empty((len(slices), rows, cols), dtype=np.float32)
-    for i, k in enumerate(order):
-        _rescale_into(slices[k], pixels[i])
     ordered = [slices[k] for k in order]
+    planes = _Planes(ordered)
+    planes.decode(0, 1)         # the image size the headers declare is real before anyone allocates by it
     return SeriesVolume(
-        pixels=pixels,
+        pixels=None if lazy else planes.decode(0, len(ordered)),
+        source=planes if lazy else None,
         headers=tuple(s.ds for s in ordered),
         spacing=(float(slice_spacing), float(pixel_spacing[0]), float(pixel_spacing[1])),
         modality=str(first.get("Modality", "") or ""),
@@ -180,17 +232,22 @@ def load_series(paths: Sequence[Path]) -> SeriesVolume:
 
 
 def _read(path: Path) -> list[_Slice]:
-    """The image planes of one file, its pixel data decoded and dropped from the header."""
-    try:
-        ds = pydicom.dcmread(path)
-    except OSError:
-        raise
-    except Exception as exc:  # pydicom raises many types for malformed files
-        raise InputError(f"{path.name}: not a readable DICOM file ({exc})") from exc
+    """The image planes of one file, pixel data dropped from the header: a multi-frame
+    file's decoded now, a single-frame file's left in the file to be read on demand
+    (:func:`_decode_deferred`)."""
+    ds = _read_whole(path, defer_size=DEFER_BYTES)
     if "PixelData" not in ds:
         raise InputError(f"{path.name}: no pixel data (not an image)")
-    if not ds.PixelData:
+    raw = ds.get_item("PixelData", keep_deferred=True)
+    if raw.value is None and ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        ds = _read_whole(path)           # the inflated stream cannot be read again from the file
+        raw = ds.get_item("PixelData", keep_deferred=True)
+    length = raw.length if raw.value is None else len(raw.value)
+    if not length:
         raise InputError(f"{path.name}: zero-length pixel data")
+    problem = _native_size_problem(ds, length)
+    if problem:
+        raise InputError(f"{path.name}: pixel data cannot be decoded ({problem})")
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise InputError(f"{path.name}: colour images are not supported "
                          f"(SamplesPerPixel {ds.SamplesPerPixel})")
@@ -199,18 +256,18 @@ def _read(path: Path) -> list[_Slice]:
     if frames > 1 and not enhanced:
         raise InputError(f"{path.name}: multi-frame image without per-frame positions "
                          "(PerFrameFunctionalGroupsSequence)")
-    try:
-        stored = _stored_pixels(ds)
-    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder failure is the input's
-        stored = _decode_with_dcmtk(path, ds, exc)
-    for keyword in _PIXEL_KEYWORDS:
-        if keyword in ds:
-            delattr(ds, keyword)
-
     if not enhanced:
-        return [_Slice(ds, 0, stored[0], _floats(ds, "ImagePositionPatient"),
+        if not isinstance(raw, RawDataElement):      # already converted: keep it, as read
+            raw = None
+            stored = _decode(path, ds)[0]
+        else:
+            stored = None
+        _drop_pixels(ds)
+        return [_Slice(ds, 0, stored, _floats(ds, "ImagePositionPatient"),
                        _floats(ds, "ImageOrientationPatient"), _floats(ds, "PixelSpacing"),
-                       *_rescale(ds), path.name)]
+                       *_rescale(ds), path.name, path, raw)]
+    stored = _decode(path, ds)
+    _drop_pixels(ds)
     out = []
     for i in range(frames):
         plane = _group(ds, i, "PlanePositionSequence")
@@ -224,6 +281,59 @@ def _read(path: Path) -> list[_Slice]:
             _floats(measures, "PixelSpacing") if measures else None,
             *(_rescale(values) if values else _rescale(ds)), f"{path.name} frame {i + 1}"))
     return out
+
+
+def _read_whole(path: Path, defer_size: int | None = None) -> Dataset:
+    try:
+        return pydicom.dcmread(path, defer_size=defer_size)
+    except OSError:
+        raise
+    except Exception as exc:  # pydicom raises many types for malformed files
+        raise InputError(f"{path.name}: not a readable DICOM file ({exc})") from exc
+
+
+def _decode(path: Path, ds: Dataset) -> np.ndarray:
+    """Stored values of ``ds`` (its pixel data present), ``(frames, rows, cols)``.
+
+    Raises:
+        InputError: neither pydicom's decoders nor DCMTK's can decode it.
+    """
+    try:
+        return _stored_pixels(ds)
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder failure is the input's
+        return _decode_with_dcmtk(path, ds, exc)
+
+
+def _drop_pixels(ds: Dataset) -> None:
+    for keyword in _PIXEL_KEYWORDS:
+        if keyword in ds:
+            delattr(ds, keyword)
+
+
+def _decode_deferred(s: _Slice) -> np.ndarray:
+    """Stored values of a single-frame image whose pixel data was set aside by the header
+    pass: as read then (a small or compressed image), or still in the file (read now from
+    where the header pass found it). It is decoded and let go again, so that the header
+    keeps no pixels.
+
+    Raises:
+        InputError: the file changed or the pixel data cannot be decoded.
+    """
+    assert s.path is not None and s.pixel_data is not None
+    element = s.pixel_data
+    if element.value is None:
+        try:
+            element = read_deferred_data_element(open, str(s.path), None, element)
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the file is read again: anything wrong is the input's
+            raise InputError(f"{s.name}: pixel data cannot be read again ({type(exc).__name__}: "
+                             f"{str(exc)[:200]})") from exc
+    s.ds[element.tag] = element
+    try:
+        return _decode(s.path, s.ds)[0]
+    finally:
+        _drop_pixels(s.ds)
 
 
 def _decode_with_dcmtk(path: Path, ds: Dataset, failure: Exception) -> np.ndarray:
@@ -256,6 +366,23 @@ def _decode_with_dcmtk(path: Path, ds: Dataset, failure: Exception) -> np.ndarra
     log.info("%s: decoded by DCMTK's dcmdjpeg (pydicom's decoders refused it: %s)", path.name,
              str(failure).splitlines()[-1][:160] if str(failure) else type(failure).__name__)
     return stored
+
+
+def _native_size_problem(ds: Dataset, length: int) -> str:
+    """For uncompressed pixel data, why its ``length`` cannot hold the image the header
+    declares (checked before anything is allocated); ``""`` when it can or is compressed."""
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    try:
+        if ts is None or ts.is_encapsulated:
+            return ""
+        bits = int(ds.BitsAllocated)
+        expected = int(ds.get("NumberOfFrames", 1) or 1) * int(ds.Rows) * int(ds.Columns) * bits // 8
+    except (AttributeError, TypeError, ValueError):
+        return ""                                   # left to the decoder, which names it
+    if length == 0xFFFFFFFF or length < expected:
+        return (f"{length if length != 0xFFFFFFFF else 'undefined length'} bytes of pixel data, "
+                f"{expected} expected from Rows, Columns and NumberOfFrames")
+    return ""
 
 
 def _stored_pixels(ds: Dataset) -> np.ndarray:
@@ -296,14 +423,14 @@ def _rescale(ds: Dataset) -> tuple[float, float]:
     return (slope[0] if slope and slope[0] != 0 else 1.0, intercept[0] if intercept else 0.0)
 
 
-def _rescale_into(s: _Slice, out: np.ndarray) -> None:
-    """Write the physical values of ``s`` into ``out`` (float32)."""
+def _rescale_into(s: _Slice, stored: np.ndarray, out: np.ndarray) -> None:
+    """Write the physical values of ``s`` (its ``stored`` values) into ``out`` (float32)."""
     if "ModalityLUTSequence" in s.ds and s.frame == 0:
-        out[...] = apply_modality_lut(s.stored, s.ds)
+        out[...] = apply_modality_lut(stored, s.ds)
     elif s.slope == 1.0:
-        np.add(s.stored, np.float32(s.intercept), out=out, casting="unsafe")
+        np.add(stored, np.float32(s.intercept), out=out, casting="unsafe")
     else:
-        np.multiply(s.stored, np.float32(s.slope), out=out, casting="unsafe")
+        np.multiply(stored, np.float32(s.slope), out=out, casting="unsafe")
         out += np.float32(s.intercept)
 
 
