@@ -109,15 +109,15 @@ def _models_list(config: Config, packages: dict[str, Path]) -> int:
 def _models_check(args: argparse.Namespace, config: Config, packages: dict[str, Path]) -> int:
     import numpy as np
 
-    from node.inference.runtime import ModelRuntime
     from node.inference.manifest import load_manifest
+    from node.inference.models import TRT_CACHE, runtime_for
     from node.inference.volume import SeriesVolume
 
     if args.name not in packages:
         print(f"no model {args.name!r} in {config.inference.models_dir}", file=sys.stderr)
         return 2
     t = time.perf_counter()
-    runtime = ModelRuntime(load_manifest(packages[args.name]), config.inference.providers)
+    runtime = runtime_for(load_manifest(packages[args.name]), config)
     load_s = time.perf_counter() - t
     m = runtime.manifest
     spec = m.input
@@ -141,6 +141,10 @@ def _models_check(args: argparse.Namespace, config: Config, packages: dict[str, 
     print(f"{m.name} {m.version}: OK on {runtime.provider}{binding}")
     print(f"  graph: {runtime.graph.describe()}")
     print(f"  loaded and checked in {1000 * load_s:.0f} ms (warm-up run {1000 * runtime.warmup_s:.0f} ms)")
+    if runtime.provider == "TensorrtExecutionProvider":
+        cache = config.node.data_dir / TRT_CACHE / config.node.name
+        print(f"  TensorRT engine cache: {cache} ({sum(1 for _ in cache.glob('*'))} files; "
+              "a later start reuses them)")
     print(f"  synthetic {spec.kind} input {shape} -> {'masks' if pred.masks is not None else 'scores'} "
           f"{out}: " + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in pred.timings.items())
           + f", total {1000 * sum(pred.timings.values()):.0f} ms")

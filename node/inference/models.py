@@ -92,13 +92,23 @@ def load_models(config: Config, previous: NodeState | None = None
             if previous is not None and previous.stamps.get(name) == stamp:
                 runtimes[name] = previous.models[name]
             else:
-                runtimes[name] = ModelRuntime(manifest, config.inference.providers,
-                                              device_id=config.inference.device_id,
-                                              trt_cache=config.node.data_dir / TRT_CACHE / config.node.name,
-                                              cpu_threads=config.inference.cpu_threads)
+                runtimes[name] = runtime_for(manifest, config)
             stamps[name] = stamp
         _check_on_result(k, route.on_result, [manifests[m] for m in route.models])
     return runtimes, stamps
+
+
+def runtime_for(manifest: ModelManifest, config: Config) -> ModelRuntime:
+    """The model's runtime as the configuration sets it up: providers, GPU, CPU threads, and
+    TensorRT's engine cache under ``data_dir`` (``trt-cache/<node name>``), so that a restart,
+    or ``ainode models check``, does not rebuild the engines.
+
+    Raises:
+        ConfigError: the model cannot be loaded (see :class:`ModelRuntime`).
+    """
+    return ModelRuntime(manifest, config.inference.providers, device_id=config.inference.device_id,
+                        trt_cache=config.node.data_dir / TRT_CACHE / config.node.name,
+                        cpu_threads=config.inference.cpu_threads)
 
 
 def _check_on_result(k: int, actions: Any, manifests: list[ModelManifest]) -> None:
