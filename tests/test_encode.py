@@ -283,6 +283,20 @@ def test_overlap_check_agrees_with_highdicoms_own(where):
     assert segments_overlap(planes, counts) is (where is not None)
 
 
+def test_the_segs_overlap_check_is_ours_not_highdicoms_volume_copy(series, tissue, monkeypatch):
+    """Overlapping stacked masks never reach highdicom's own overlap check (which sums the
+    whole volume into an int64 copy); the SEG still says the segments overlap."""
+    original = hd.seg.Segmentation._check_and_cast_pixel_array.__func__
+
+    def refuse(cls, pixel_array, *args, **kwargs):
+        assert not (pixel_array.ndim == 4 and pixel_array.dtype == np.bool_), "highdicom's check ran"
+        return original(cls, pixel_array, *args, **kwargs)
+
+    monkeypatch.setattr(hd.seg.Segmentation, "_check_and_cast_pixel_array", classmethod(refuse))
+    result = encode_segmentation(series, tissue_masks(), tissue, JOB)
+    assert result.seg.SegmentsOverlap == "YES"
+
+
 def test_empty_segment(series, tissue, tmp_path):
     masks = tissue_masks()
     masks[..., 1] = False

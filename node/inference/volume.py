@@ -376,7 +376,7 @@ def _native_size_problem(ds: Dataset, length: int) -> str:
         if ts is None or ts.is_encapsulated:
             return ""
         bits = int(ds.BitsAllocated)
-        expected = int(ds.get("NumberOfFrames", 1) or 1) * int(ds.Rows) * int(ds.Columns) * bits // 8
+        expected = (int(ds.get("NumberOfFrames", 1) or 1) * int(ds.Rows) * int(ds.Columns) * bits + 7) // 8
     except (AttributeError, TypeError, ValueError):
         return ""                                   # left to the decoder, which names it
     if length == 0xFFFFFFFF or length < expected:
