@@ -3,6 +3,7 @@ no lock-out of other senders, one WARNING line per connection."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import ssl
@@ -18,7 +19,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from conftest import free_port
+from node.config.schema import parse_config
+from node.dicom.receive import LeanAssociation
 from node.synthetic.ct import make_ct_series
+from node.worker import Node
 from nodeproc import NodeProcess, wait_for, write_config
 from tlscerts import make_ca
 
@@ -243,3 +247,32 @@ def test_association_cut_in_a_data_set_leaves_no_partial_file(node, dcmtk, tmp_p
     wait_for(lambda: not list(parts.glob("*.part")), "the partial file to be removed")
     assert not list((node.data_dir / "images").rglob(f"{sop_uid}.dcm"))
     assert _echo(node.port)
+
+
+def test_pynetdicom_path_after_a_failed_take_over_is_bounded_too(tmp_path, dcmtk, monkeypatch):
+    """An association that the lean path cannot take over is served by pynetdicom's own
+    threads; its C-STORE data set still goes to disk as it arrives (in-process listener, the
+    take-over made to fail)."""
+    monkeypatch.setattr(LeanAssociation, "_take_over", lambda self: False)
+    node = Node(parse_config({"node": {"host": "127.0.0.1", "port": free_port(), "data_dir": str(tmp_path / "data")},
+                              "ingest": {"min_free_disk_mb": 0}}))
+    node.ingest.start()
+    try:
+        sop_uid = "1.2.826.0.1.3680043.10.1.4444"
+        big = _big_ct(tmp_path / "big.dcm", 8192, 8192, sop_uid)
+        idle = _rss_mb(os.getpid())
+        stop, peak = threading.Event(), [idle]
+        sampler = threading.Thread(target=_sample_rss, args=(os.getpid(), stop, peak))
+        sampler.start()
+        try:
+            dcmtk.run("storescu", "-aec", "AINODE", "127.0.0.1", str(node.ingest.port), big, timeout=300)
+        finally:
+            stop.set()
+            sampler.join()
+        stored = wait_for(lambda: list((tmp_path / "data" / "images").rglob(f"{sop_uid}.dcm")), "the stored file")
+        assert peak[0] - idle < 48, f"RSS {idle:.0f} -> {peak[0]:.0f} MB for a 128 MiB instance"
+        assert pydicom.dcmread(stored[0]).PixelData == pydicom.dcmread(big).PixelData
+        assert not list((tmp_path / "data" / "tmp").glob("*.part"))
+    finally:
+        node.ingest.stop()
+        node.db.close()

@@ -148,6 +148,7 @@ class Intake:
             Refused: with the status to answer.
         """
         self.check_space(len(meta) + stream.getbuffer().nbytes)
+        stream.seek(0)                  # pynetdicom leaves it where its last fragment ended
         header = read_header(stream, transfer_syntax, sop_uid, sop_class_uid)
         return self._commit(header, sop_uid, sop_class_uid, transfer_syntax, sender,
                             lambda path: self.store.write_atomic(path, (meta, stream.getbuffer())))

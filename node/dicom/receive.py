@@ -74,8 +74,12 @@ class LeanAssociation(Association):
         sock = self.dul.socket
         if not isinstance(sock, FastSocket) or not self._take_over():
             if isinstance(sock, FastSocket):
+                self._bound_pynetdicom_path(sock)
                 sock.hold = False                 # pynetdicom's DUL thread reads from here on
-            super()._run_reactor()
+            try:
+                super()._run_reactor()
+            finally:
+                self._drop_spooled()
             return
         self.lean = True
         self._send_lock = threading.Lock()
@@ -107,6 +111,48 @@ class LeanAssociation(Association):
         dul.kill_dul()
         dul.join(timeout=_HANDOVER_S)
         return not dul.is_alive()
+
+    def _bound_pynetdicom_path(self, sock: FastSocket) -> None:
+        """The take-over failed, so pynetdicom's DUL thread serves this association: its data
+        sets are bounded all the same. Each PDV is handed to pynetdicom's DIMSE provider on its
+        own, so that a C-STORE's data set goes to a spool file from its first fragment on and
+        any other is capped at :data:`MAX_IN_MEMORY_DATA_SET`; past that, one WARNING line and
+        an A-ABORT, as pynetdicom's DUL does itself when its thread fails."""
+        receive = self.dimse.receive_primitive
+
+        def one_by_one(primitive: P_DATA) -> None:
+            if self._kill:
+                return
+            try:
+                for context_id, pdv in primitive.presentation_data_value_list:
+                    control = pdv[0]
+                    if not control & 0x01 and getattr(self.dimse.message, "_data_set_file", None) is None:
+                        self._in_memory += len(pdv) - 1
+                        if self._in_memory > MAX_IN_MEMORY_DATA_SET:
+                            raise ValueError(f"a data set of more than {MAX_IN_MEMORY_DATA_SET} bytes "
+                                             "in a message other than C-STORE")
+                    single = P_DATA()
+                    single.presentation_data_value_list = [[context_id, pdv]]
+                    receive(single)
+                    if control & 0x03 == 0x03:          # the last fragment of a command set
+                        self._in_memory = 0
+                        self._spool_data_set()
+            except Exception as exc:  # noqa: BLE001 - untrusted bytes: any failure ends the association
+                if not sock.reported:
+                    sock._fail(f"invalid P-DATA ({type(exc).__name__}: {str(exc)[:100]})")
+                self._drop_spooled()
+                abort = A_ABORT_RQ()
+                abort.source = 0x02
+                try:
+                    sock.send(abort.encode())
+                except OSError:
+                    pass
+                self.is_aborted = True
+                self.is_established = False
+                self._kill = True
+                self.dul._kill_thread = True
+
+        self.dimse.receive_primitive = one_by_one   # type: ignore[method-assign]
 
     # ------------------------------------------------------------ the loop
     def _serve(self, sock: FastSocket) -> None:
