@@ -126,17 +126,11 @@ class LeanAssociation(Association):
             try:
                 for context_id, pdv in primitive.presentation_data_value_list:
                     control = pdv[0]
-                    if not control & 0x01 and getattr(self.dimse.message, "_data_set_file", None) is None:
-                        self._in_memory += len(pdv) - 1
-                        if self._in_memory > MAX_IN_MEMORY_DATA_SET:
-                            raise ValueError(f"a data set of more than {MAX_IN_MEMORY_DATA_SET} bytes "
-                                             "in a message other than C-STORE")
+                    self._count_in_memory(control, len(pdv) - 1)
                     single = P_DATA()
                     single.presentation_data_value_list = [[context_id, pdv]]
                     receive(single)
-                    if control & 0x03 == 0x03:          # the last fragment of a command set
-                        self._in_memory = 0
-                        self._spool_data_set()
+                    self._received(control)
             except Exception as exc:  # noqa: BLE001 - untrusted bytes: any failure ends the association
                 if not sock.reported:
                     sock._fail(f"invalid P-DATA ({type(exc).__name__}: {str(exc)[:100]})")
@@ -195,17 +189,11 @@ class LeanAssociation(Association):
                 if control & 0x03 == 0 and spooled is not None:
                     spooled.write(fragment)            # a middle fragment of a spooled data set
                     continue
-                if not control & 0x01 and spooled is None:
-                    self._in_memory += len(fragment)   # pynetdicom keeps this data set in memory
-                    if self._in_memory > MAX_IN_MEMORY_DATA_SET:
-                        raise ValueError(f"a data set of more than {MAX_IN_MEMORY_DATA_SET} bytes "
-                                         "in a message other than C-STORE")
+                self._count_in_memory(control, len(fragment))
                 primitive = P_DATA()
                 primitive.presentation_data_value_list = [[context_id, bytes([control]) + fragment]]
                 self.dimse.receive_primitive(primitive)
-                if control & 0x03 == 0x03:             # the last fragment of a command set
-                    self._in_memory = 0
-                    self._spool_data_set()
+                self._received(control)
         except Exception as exc:  # noqa: BLE001 - untrusted bytes: any failure ends the association
             if not sock.reported:
                 sock._fail(f"invalid P-DATA ({type(exc).__name__}: {str(exc)[:100]})")
@@ -222,6 +210,25 @@ class LeanAssociation(Association):
             self._serve_request(msg, int(context_id or 0))   # pynetdicom's service classes and our handlers
             _remove_spooled(msg._dataset_file)   # a message refused before its handler ran leaves no file
         return not self._kill
+
+    def _count_in_memory(self, control: int, size: int) -> None:
+        """Count a data set fragment that pynetdicom will keep in memory (one not spooled).
+
+        Raises:
+            ValueError: the data set has grown past :data:`MAX_IN_MEMORY_DATA_SET`.
+        """
+        if not control & 0x01 and getattr(self.dimse.message, "_data_set_file", None) is None:
+            self._in_memory += size
+            if self._in_memory > MAX_IN_MEMORY_DATA_SET:
+                raise ValueError(f"a data set of more than {MAX_IN_MEMORY_DATA_SET} bytes "
+                                 "in a message other than C-STORE")
+
+    def _received(self, control: int) -> None:
+        """A PDV was handed to pynetdicom: after the last fragment of a command set, the data set
+        that follows starts afresh (and a C-STORE's goes to a spool file)."""
+        if control & 0x03 == 0x03:
+            self._in_memory = 0
+            self._spool_data_set()
 
     def _spool_data_set(self) -> None:
         """The command set of a C-STORE-RQ is complete: its data set fragments are written to a
