@@ -304,13 +304,13 @@ class ModelRuntime:
             return
         if axis != 1:
             y = np.moveaxis(y, axis, 1)
-        y = _activate(y.astype(np.float32, copy=False), m.output.activation, axis=1)
+        y, threshold = _thresholdable(y, m.output.activation, m.output.threshold, axis=1)
         for k, segment in enumerate(m.segments):
             channel = y[:, segment.label]
             if channel.shape[-2:] == where.source:
-                np.greater_equal(channel, m.output.threshold, out=out[k])
+                np.greater_equal(channel, threshold, out=out[k])
             else:
-                out[k] = from_model_plane(channel >= m.output.threshold, where)
+                out[k] = from_model_plane(channel >= threshold, where)
 
     # ---------------------------------------------------------------- volume
     def _run_volume(self, volume: SeriesVolume) -> Prediction:
@@ -410,6 +410,18 @@ class ModelRuntime:
 def _uid_name(uid: str) -> str:
     name = UID(uid).name
     return f"{name} ({uid})" if name != uid else uid
+
+
+def _thresholdable(y: np.ndarray, activation: str, threshold: float, axis: int) -> tuple[np.ndarray, float]:
+    """``(values, t)`` such that ``values >= t`` is ``activation(y) >= threshold``. A sigmoid is
+    monotonic, so its threshold moves to the logit, ``log(t / (1 - t))``, and the output is
+    compared as it is (no exponential over the whole output, no copy of it); a softmax needs
+    the activation. Only where the threshold comes before any interpolation (2D planes: the
+    masks go back by nearest neighbour); a 3D output is resampled as probabilities first."""
+    y = y.astype(np.float32, copy=False)
+    if activation == "sigmoid" and 0.0 < threshold < 1.0:
+        return y, float(np.log(threshold / (1.0 - threshold)))
+    return _activate(y, activation, axis=axis), threshold
 
 
 def _activate(y: np.ndarray, activation: str, axis: int) -> np.ndarray:
