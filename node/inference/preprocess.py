@@ -64,6 +64,13 @@ def representable_range(volume: SeriesVolume) -> tuple[float, float]:
     return (low, high)
 
 
+def needs_statistics(spec: InputSpec) -> bool:
+    """Whether the normalisation needs the whole series' statistics (``zscore`` without a
+    fixed mean and std, ``minmax``)."""
+    return spec.normalisation == "minmax" or (
+        spec.normalisation == "zscore" and (spec.mean is None or spec.std is None))
+
+
 def intensity_for(volume: SeriesVolume, spec: InputSpec) -> Intensity:
     """Fix the intensity handling of ``spec`` for this series (whole-series statistics)."""
     invert = None
@@ -77,7 +84,7 @@ def intensity_for(volume: SeriesVolume, spec: InputSpec) -> Intensity:
     elif spec.normalisation == "zscore" and spec.mean is not None and spec.std is not None:
         gain = 1.0 / spec.std
         bias = -spec.mean * gain
-    elif spec.normalisation in ("zscore", "minmax"):
+    elif needs_statistics(spec):
         mean, std, low, high = series_statistics(volume, Intensity(invert=invert, window=window))
         if spec.normalisation == "zscore":
             gain = 1.0 / max(std, MIN_RANGE)

@@ -32,7 +32,7 @@ from node.inference.graph import GraphIO, channel_axis, check_graph, check_outpu
 from node.inference.manifest import ModelManifest
 from node.inference.preprocess import (
     Intensity, Placement, apply_intensity, from_model_plane, intensity_for, model_input, model_planes,
-    placement, resample, resample_chunks, target_shape,
+    needs_statistics, placement, resample, resample_chunks, target_shape,
 )
 from node.inference.sliding import sliding_window
 from node.inference.volume import SeriesVolume
@@ -241,6 +241,11 @@ class ModelRuntime:
         m = self.manifest
         n, rows, cols = volume.shape
         timings = dict.fromkeys(("decode", "preprocess", "run", "postprocess"), 0.0)
+        if volume.pixels is None and needs_statistics(m.input):
+            # The whole series' statistics come before the first batch: decode it once, here.
+            t = time.perf_counter()
+            volume = volume.loaded()
+            timings["decode"] = time.perf_counter() - t
         t = time.perf_counter()
         intensity = intensity_for(volume, m.input)
         where = placement((rows, cols), m.input)

@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,12 @@ class SeriesVolume:
         assert self.source is not None
         return self.source.decode(*slice(start, stop).indices(self.source.shape[0])[:2])
 
+    def loaded(self) -> SeriesVolume:
+        """This volume with every plane decoded into ``pixels`` (itself when it already is)."""
+        if self.pixels is not None:
+            return self
+        return replace(self, pixels=self.planes(), source=None)
+
     def chunks(self, size: int = 16) -> Iterator[np.ndarray]:
         """The volume ``size`` slices at a time, in order (for whole-series statistics)."""
         for start in range(0, self.shape[0], size):
@@ -173,12 +179,25 @@ class _Planes:
     def decode(self, start: int, stop: int) -> np.ndarray:
         out = np.empty((max(0, stop - start), *self.shape[1:]), dtype=np.float32)
         for i, s in enumerate(self.slices[start:stop]):
-            stored = s.stored if s.stored is not None else _decode_deferred(s)
-            if stored.shape != self.shape[1:]:
-                raise InputError(f"{s.name}: {stored.shape[0]} x {stored.shape[1]} pixels, "
-                                 f"the header says {self.shape[1]} x {self.shape[2]}")
-            _rescale_into(s, stored, out[i])
+            _rescale_into(s, self._stored(s), out[i])
         return out
+
+    def check_first(self) -> None:
+        """Decode the first plane now, and keep it: the image size the headers declare is
+        real before anyone allocates by it.
+
+        Raises:
+            InputError: it cannot be decoded, or not to that size.
+        """
+        first = self.slices[0]
+        first.stored = self._stored(first)
+
+    def _stored(self, s: _Slice) -> np.ndarray:
+        stored = s.stored if s.stored is not None else _decode_deferred(s)
+        if stored.shape != self.shape[1:]:
+            raise InputError(f"{s.name}: {stored.shape[0]} x {stored.shape[1]} pixels, "
+                             f"the header says {self.shape[1]} x {self.shape[2]}")
+        return stored
 
 
 def load_series(paths: Sequence[Path], *, lazy: bool = False) -> SeriesVolume:
@@ -216,7 +235,7 @@ def load_series(paths: Sequence[Path], *, lazy: bool = False) -> SeriesVolume:
 
     ordered = [slices[k] for k in order]
     planes = _Planes(ordered)
-    planes.decode(0, 1)         # the image size the headers declare is real before anyone allocates by it
+    planes.check_first()
     return SeriesVolume(
         pixels=None if lazy else planes.decode(0, len(ordered)),
         source=planes if lazy else None,
