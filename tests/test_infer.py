@@ -20,6 +20,7 @@ import onnxmodels as om
 from node.errors import InputError
 from node.inference.runtime import ModelRuntime
 from node.inference.manifest import load_manifest
+from node.inference.preprocess import Intensity, series_statistics
 from node.inference.volume import SeriesVolume
 
 CPU = ["CPUExecutionProvider"]
@@ -199,6 +200,16 @@ def test_slices_labelmap_nhwc_in_batches_with_padding(tmp_path):
         assert clear.mean() > 0.95
         assert np.array_equal(pred.masks[k, :, :, 0][clear], (back == 1)[clear])
         assert np.array_equal(pred.masks[k, :, :, 1][clear], (back == 2)[clear])
+
+
+def test_series_statistics_chunk_by_chunk_equal_numpys_over_the_whole_volume():
+    img = RNG.normal(300, 80, (50, 9, 7)) + np.linspace(0, 500, 50)[:, None, None]   # chunks differ
+    window = Intensity(window=(0.0, 700.0))
+    mean, std, low, high = series_statistics(series(img), window)
+    x = np.clip(img.astype(np.float32), 0, 700).astype(np.float64)
+    assert np.isclose(mean, x.mean(), rtol=1e-9) and np.isclose(std, x.std(), rtol=1e-6)
+    assert (low, high) == (float(x.min()), float(x.max()))
+    assert series_statistics(series(img), window, moments=False)[2:] == (low, high)
 
 
 class _Decoder:

@@ -85,7 +85,8 @@ def intensity_for(volume: SeriesVolume, spec: InputSpec) -> Intensity:
         gain = 1.0 / spec.std
         bias = -spec.mean * gain
     elif needs_statistics(spec):
-        mean, std, low, high = series_statistics(volume, Intensity(invert=invert, window=window))
+        mean, std, low, high = series_statistics(volume, Intensity(invert=invert, window=window),
+                                                 moments=spec.normalisation == "zscore")
         if spec.normalisation == "zscore":
             gain = 1.0 / max(std, MIN_RANGE)
             bias = -mean * gain
@@ -95,25 +96,30 @@ def intensity_for(volume: SeriesVolume, spec: InputSpec) -> Intensity:
     return Intensity(invert=invert, window=window, gain=gain, bias=bias)
 
 
-def series_statistics(volume: SeriesVolume, intensity: Intensity) -> tuple[float, float, float, float]:
+def series_statistics(volume: SeriesVolume, intensity: Intensity, moments: bool = True
+                      ) -> tuple[float, float, float, float]:
     """Mean, standard deviation, minimum and maximum of the series with ``intensity``
     applied, a few slices at a time (Chan et al.'s pairwise update of the mean and the sum of
-    squared deviations): no whole-volume copy, and a lazy volume is decoded chunk by chunk."""
+    squared deviations): no whole-volume copy. Without ``moments``, mean and standard
+    deviation are not computed (returned as 0)."""
     count, mean, m2 = 0, 0.0, 0.0
     low, high = np.inf, -np.inf
     for chunk in volume.chunks():
-        x = apply_intensity(chunk, intensity).astype(np.float64)
-        n = x.size
-        if not n:
+        x = apply_intensity(chunk, intensity)
+        if not x.size:
             continue
-        m = float(x.mean())
-        x -= m
+        low, high = min(low, float(x.min())), max(high, float(x.max()))
+        if not moments:
+            continue
+        n = x.size
+        m = float(x.mean(dtype=np.float64))
+        d = x.astype(np.float64).ravel()
+        d -= m
         total = count + n
         delta = m - mean
-        m2 += float(np.dot(x.ravel(), x.ravel())) + delta * delta * count * n / total
+        m2 += float(np.dot(d, d)) + delta * delta * count * n / total
         mean += delta * n / total
         count = total
-        low, high = min(low, float(x.min()) + m), max(high, float(x.max()) + m)
     return mean, (m2 / count) ** 0.5 if count else 0.0, float(low), float(high)
 
 
