@@ -15,7 +15,7 @@ from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID
 
-from node.errors import InputError
+from node.errors import InputError, RetryableError
 from node.synthetic.ct import SUPPORTED_TRANSFER_SYNTAXES, make_ct_series, phantom_volume
 from node.inference.volume import load_series
 
@@ -150,6 +150,20 @@ def test_lazy_load_checks_sizes_first_and_reports_bad_data_when_decoded(tmp_path
     assert np.array_equal(volume.planes(0, 2), load_series(rle[:2]).pixels)
     with pytest.raises(InputError, match=f"{rle[2].name}: pixel data cannot be decoded"):
         volume.planes(2, 3)
+
+
+def test_lazy_load_of_a_file_replaced_meanwhile_is_retried_not_misread(tmp_path):
+    """An instance re-sent while its job runs is a new file renamed over the old one: its
+    pixels are not read at the old header's offsets; the job is tried again instead."""
+    files = make_ct_series(tmp_path / "ct", 3, 192, seed=3).files
+    volume = load_series(files, lazy=True)
+    for path in files:                        # every file re-sent (the first plane is decoded already)
+        ds = pydicom.dcmread(path)
+        ds.ImageComments = "re-sent with a longer header" * 20
+        ds.save_as(tmp_path / "new.dcm")
+        (tmp_path / "new.dcm").replace(path)
+    with pytest.raises(RetryableError, match="the file changed after its header was read"):
+        volume.planes(1, 3)
 
 
 def test_monochrome1_flagged_not_inverted(series, truth):

@@ -40,7 +40,7 @@ from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
                          JPEGLSNearLossless, RLELossless)
 
-from node.errors import InputError
+from node.errors import InputError, RetryableError
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,7 @@ class _Slice:
     name: str
     path: Path | None = None                     # where a deferred ``stored`` is read from
     pixel_data: RawDataElement | None = None     # its pixel data element, value not read
+    identity: tuple[int, int, int] = (0, 0, 0)   # of the file when its header was read
 
 
 class _Planes:
@@ -254,6 +255,7 @@ def _read(path: Path) -> list[_Slice]:
     """The image planes of one file, pixel data dropped from the header: a multi-frame
     file's decoded now, a single-frame file's left in the file to be read on demand
     (:func:`_decode_deferred`)."""
+    identity = _identity(path)
     ds = _read_whole(path, defer_size=DEFER_BYTES)
     if "PixelData" not in ds:
         raise InputError(f"{path.name}: no pixel data (not an image)")
@@ -284,7 +286,7 @@ def _read(path: Path) -> list[_Slice]:
         _drop_pixels(ds)
         return [_Slice(ds, 0, stored, _floats(ds, "ImagePositionPatient"),
                        _floats(ds, "ImageOrientationPatient"), _floats(ds, "PixelSpacing"),
-                       *_rescale(ds), path.name, path, raw)]
+                       *_rescale(ds), path.name, path, raw, identity)]
     stored = _decode(path, ds)
     _drop_pixels(ds)
     out = []
@@ -300,6 +302,12 @@ def _read(path: Path) -> list[_Slice]:
             _floats(measures, "PixelSpacing") if measures else None,
             *(_rescale(values) if values else _rescale(ds)), f"{path.name} frame {i + 1}"))
     return out
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    """Which file ``path`` is now: a stored instance re-sent is a new file renamed over it."""
+    st = path.stat()
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _read_whole(path: Path, defer_size: int | None = None) -> Dataset:
@@ -341,6 +349,8 @@ def _decode_deferred(s: _Slice) -> np.ndarray:
     assert s.path is not None and s.pixel_data is not None
     element = s.pixel_data
     if element.value is None:
+        if _identity(s.path) != s.identity:
+            raise RetryableError(f"{s.name}: the file changed after its header was read (re-sent?)")
         try:
             element = read_deferred_data_element(open, str(s.path), None, element)
         except OSError:
