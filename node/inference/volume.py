@@ -16,6 +16,10 @@ Geometry tolerances (documented for users, enforced as :class:`~node.errors.Inpu
   mean gap, so a missing slice or a mixed-thickness stack is refused, not silently warped;
 - PixelSpacing agrees within 1e-4 mm across slices.
 
+A series is read eagerly (every plane decoded into one float32 array) or lazily (the headers
+now, each plane's pixel data when it is asked for, see :func:`load_series`), which is how a
+model that works slice by slice gets it.
+
 Gantry tilt (positions sheared in plane) is accepted: the slice step along the normal is
 what a volume in mL needs, and :attr:`SeriesVolume.affine` uses the true step vector.
 """
@@ -37,8 +41,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_deferred_data_element
 from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
-                         JPEGLSNearLossless, RLELossless)
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless,
+                         JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless, RLELossless)
 
 from node.errors import InputError, RetryableError
 
@@ -98,6 +102,7 @@ class SeriesVolume:
         Raises:
             InputError: a file's pixel data cannot be decoded (lazy volumes only; an eager
                 one was decoded by :func:`load_series`).
+            RetryableError: a file was replaced after its header was read (lazy only).
         """
         if self.pixels is not None:
             return self.pixels[start:stop]
