@@ -282,8 +282,7 @@ class Inference(Stage):
         timings["decode"] = time.perf_counter() - t
 
         prediction = runtime.run(volume)
-        for stage, seconds in prediction.timings.items():
-            timings[stage] = timings.get(stage, 0.0) + seconds
+        _add_timings(timings, prediction.timings)
         headers, frames = volume.headers, volume.frames
         del volume                           # the encoder needs the headers only, not the pixels
 
@@ -328,8 +327,7 @@ class Inference(Stage):
             volume = load_series([path])
             timings["decode"] += time.perf_counter() - t0
             prediction = runtime.run(volume)
-            for stage, seconds in prediction.timings.items():
-                timings[stage] = timings.get(stage, 0.0) + seconds
+            _add_timings(timings, prediction.timings)
             provider = prediction.provider
             assert prediction.scores is not None
             per_image.append((volume.headers[0], prediction.scores))
@@ -540,6 +538,12 @@ def node_status(config: Config) -> dict | None:
             pass
     status["running"] = running
     return status
+
+
+def _add_timings(timings: dict[str, float], more: Mapping[str, float]) -> None:
+    """Add a stage's seconds to the job's (decode is timed at load and again inside the run)."""
+    for stage, seconds in more.items():
+        timings[stage] = timings.get(stage, 0.0) + seconds
 
 
 def input_fingerprint(paths: Sequence[Path]) -> str:

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Sequence
 from io import BytesIO
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -130,8 +131,8 @@ def encode_segmentation(sources: Sequence[pydicom.Dataset], masks: np.ndarray,
                           for i in range(len(manifest.segments)))
     if order is not None:                      # the SEG's frames follow the source's frames
         planes, counts = planes[:, order], counts[order]
-    seg = _segmentation(images, _pixel_array(planes, counts), manifest, job_key,
-                        tracking_uids)
+    pixel_array, overlap = _pixel_array(planes, counts)
+    seg = _segmentation(images, pixel_array, overlap, manifest, job_key, tracking_uids)
     algorithm_id = _algorithm_id(manifest.algorithm)
     source_series = hd.sr.SourceSeriesForSegmentation(images[0].SeriesInstanceUID)
     groups = [
@@ -277,7 +278,7 @@ def encode_image_classifications(images: Sequence[tuple[pydicom.Dataset, np.ndar
     return sr, tuple(best[f.name] for f in manifest.findings), per_image
 
 
-def _segmentation(sources: Sequence[pydicom.Dataset], pixel_array: np.ndarray,
+def _segmentation(sources: Sequence[pydicom.Dataset], pixel_array: np.ndarray, overlap: bool,
                   manifest: ModelManifest, job_key: str,
                   tracking_uids: Sequence[str]) -> hd.seg.Segmentation:
     """A BINARY SEG with segment ``i + 1`` for ``manifest.segments[i]``."""
@@ -299,6 +300,7 @@ def _segmentation(sources: Sequence[pydicom.Dataset], pixel_array: np.ndarray,
         for i, segment in enumerate(manifest.segments)]
     try:
         seg = _Segmentation(
+            segments_overlap=overlap,
             source_images=sources,
             pixel_array=pixel_array,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -436,19 +438,20 @@ def _voxel_counts(planes: np.ndarray) -> np.ndarray:
     return counts
 
 
-def _pixel_array(planes: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """A label map when no voxel lies in two segments, else the stacked masks."""
+def _pixel_array(planes: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(a label map when no voxel lies in two segments, else the stacked masks; whether
+    segments overlap)."""
     n_segments = planes.shape[0]
     if n_segments == 1:
-        return planes[0]
-    stacked = np.moveaxis(planes, 0, -1)
-    if n_segments > 255 or segments_overlap(planes, counts):
-        return stacked
+        return planes[0], False
+    overlap = segments_overlap(planes, counts)
+    if overlap or n_segments > 255:
+        return np.moveaxis(planes, 0, -1), overlap
     labels = np.zeros(planes.shape[1:], dtype=np.uint8)
     for i in range(n_segments):
         if counts[:, i].any():
             np.copyto(labels, np.uint8(i + 1), where=planes[i])
-    return labels
+    return labels, False
 
 
 def segments_overlap(planes: np.ndarray, counts: np.ndarray | None = None) -> bool:
@@ -472,19 +475,24 @@ def segments_overlap(planes: np.ndarray, counts: np.ndarray | None = None) -> bo
 
 
 class _Segmentation(hd.seg.Segmentation):
-    """highdicom's SEG, with its overlap check for stacked bool masks done a few slices at a
-    time. highdicom's own check sums the masks over the segment axis into a platform-int copy
-    of the whole volume: 8 bytes a voxel (630 MB and ~0.9 s for a 300 x 512 x 512 CT)."""
+    """highdicom's SEG, told whether the segments overlap (the encoder has checked, a few
+    slices at a time). highdicom's own check of stacked bool masks sums them over the segment
+    axis into a platform-int copy of the whole volume: 8 bytes a voxel (630 MB and ~0.9 s for
+    a 300 x 512 x 512 CT)."""
 
-    @classmethod
-    def _check_and_cast_pixel_array(cls, pixel_array, segment_numbers, segmentation_type, dtype):  # type: ignore[override]
+    def __init__(self, *args: Any, segments_overlap: bool, **kwargs: Any) -> None:
+        # Read by the check below, which highdicom's __init__ calls; set before it runs.
+        object.__setattr__(self, "_known_overlap", segments_overlap)
+        super().__init__(*args, **kwargs)
+
+    def _check_and_cast_pixel_array(self, pixel_array, segment_numbers, segmentation_type, dtype):  # type: ignore[override]
         if (isinstance(pixel_array, np.ndarray) and pixel_array.dtype == np.bool_
                 and pixel_array.ndim == 4 and pixel_array.shape[-1] == len(segment_numbers)
                 and segmentation_type == hd.seg.SegmentationTypeValues.BINARY):
-            overlap = segments_overlap(np.moveaxis(pixel_array, -1, 0))
-            return pixel_array, (hd.seg.SegmentsOverlapValues.YES if overlap
+            return pixel_array, (hd.seg.SegmentsOverlapValues.YES if self._known_overlap
                                  else hd.seg.SegmentsOverlapValues.NO)
-        return super()._check_and_cast_pixel_array(pixel_array, segment_numbers, segmentation_type, dtype)
+        return hd.seg.Segmentation._check_and_cast_pixel_array(pixel_array, segment_numbers, segmentation_type,
+                                                               dtype)
 
 
 def _slice_thicknesses(sources: Sequence[pydicom.Dataset]) -> np.ndarray:
