@@ -31,7 +31,6 @@ import os
 import socket
 import threading
 import time
-from io import BytesIO
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -52,6 +51,7 @@ from node.metrics import Metrics
 from node.results.encode import (encode_classification, encode_image_classifications, encode_rejection,
                                  encode_segmentation)
 from node.results.encode import warm_up as warm_up_encoder
+from node.results.part10 import part10_bytes
 from node.routing.assembler import Assembler
 from node.routing.notifier import Notifier
 from node.routing.notify import webhook_url
@@ -246,9 +246,7 @@ class Inference(Stage):
             key = f"{series.series_uid}|{job.model}|rejection|{'|'.join(uids)}"
             note = encode_rejection(source, objects, runtime.manifest, key, why)
             path = self.store.result_dir(job.id) / f"rejection-{hashlib.sha256(key.encode()).hexdigest()[:12]}.dcm"
-            buf = BytesIO()
-            note.save_as(buf, enforce_file_format=True)
-            self.store.write_atomic(path, (buf.getbuffer(),))
+            self.store.write_atomic(path, (part10_bytes(note),))
             self.db.queue_files(job.id, "rejection", [str(path)], targets, job.priority)
         except Exception as exc:  # noqa: BLE001 - the audit has it; the note must not break the job's end
             log.error("job %d: the rejection note for %d earlier objects could not be made: %s", job.id,
@@ -344,10 +342,8 @@ class Inference(Stage):
         folder = self.store.result_dir(job_id)
         files = []
         for name, ds in outputs.items():
-            buf = BytesIO()
-            ds.save_as(buf, enforce_file_format=True)
             path = folder / name
-            self.store.write_atomic(path, (buf.getbuffer(),))
+            self.store.write_atomic(path, (part10_bytes(ds),))
             files.append(str(path))
         return files
 

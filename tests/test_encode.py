@@ -23,6 +23,7 @@ from node.results.encode import (
     segments_overlap,
 )
 from node.errors import InputError
+from node.results.part10 import part10_bytes
 from node.inference.manifest import (
     Algorithm,
     Code,
@@ -139,7 +140,7 @@ def pneumonia_manifest() -> ModelManifest:
 
 
 def write_read(ds: pydicom.Dataset, path: Path) -> pydicom.Dataset:
-    ds.save_as(path, enforce_file_format=True)
+    path.write_bytes(part10_bytes(ds))          # as the worker writes its results
     return pydicom.dcmread(path)
 
 
@@ -451,5 +452,5 @@ def test_rejection_note_references_what_it_withdraws_and_validates(encoded, seri
 
 
 def _saved(ds: pydicom.Dataset, path: Path) -> Path:
-    ds.save_as(path, enforce_file_format=True)
+    path.write_bytes(part10_bytes(ds))          # as the worker writes its results
     return path

@@ -14,6 +14,7 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from nodeproc import REPO, build_models
 from node.results.encode import encode_segmentation
+from node.results.part10 import part10_bytes
 from node.inference.runtime import ModelRuntime
 from node.inference.manifest import load_manifest
 from node.synthetic.ct import make_ct_series
@@ -80,8 +81,8 @@ def test_enhanced_multiframe_ct_end_to_end_of_the_model(tmp_path):
     for volume in result.volumes:
         assert volume.volume_ml == phantom.volumes_ml[volume.name]
     seg, sr = tmp_path / "seg.dcm", tmp_path / "sr.dcm"
-    result.seg.save_as(seg, enforce_file_format=True)
-    result.sr.save_as(sr, enforce_file_format=True)
+    seg.write_bytes(part10_bytes(result.seg))
+    sr.write_bytes(part10_bytes(result.sr))
     back = pydicom.dcmread(seg)
     enhanced_uid = multi.headers[0].SOPInstanceUID
     for item in back.PerFrameFunctionalGroupsSequence:        # each SEG frame names its source frame

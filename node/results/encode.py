@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
-from io import BytesIO
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +28,7 @@ from pydicom.sr.coding import Code
 from node import __version__
 from node.errors import InputError
 from node.inference.manifest import Algorithm, Code as ManifestCode, ModelManifest
+from node.results.part10 import part10_bytes
 
 SEG_SERIES_NUMBER = 9901
 SEGMENTATION_SR_SERIES_NUMBER = 9902
@@ -178,7 +178,7 @@ def warm_up(manifest: ModelManifest) -> float:
     masks[:, 2:6, 2:6] = True
     result = encode_segmentation(sources, masks, manifest, "warm-up")
     for ds in (result.seg, result.sr):
-        ds.save_as(BytesIO(), enforce_file_format=True)
+        part10_bytes(ds)
     return time.perf_counter() - t
 
 
