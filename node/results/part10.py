@@ -43,34 +43,48 @@ def part10_bytes(ds: Dataset) -> bytes:
 
     Ambiguous VRs of top-level elements are resolved in ``ds`` itself, as pydicom's writer does.
     """
-    out = BytesIO()
     meta = getattr(ds, "file_meta", None)
     if meta is None or meta.get("TransferSyntaxUID") != ExplicitVRLittleEndian:
-        ds.save_as(out, enforce_file_format=True)
-        return out.getvalue()
-    encodings = convert_encodings(ds.get("SpecificCharacterSet") or default_encoding)
+        return _pydicom_file(ds)
+    encodings = _encodings(ds, default_encoding)
     shell = Dataset()
     try:
         for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset gives its elements, decoded
             elem = ds.get_item(tag)
             if isinstance(elem, DataElement) and elem.VR == "SQ":
-                if elem.is_undefined_length:
-                    raise _Unsupported(f"{tag} has an undefined length")
-                value = sequence_bytes(elem.value, encodings)
+                value = _sequence_value(elem, encodings)
                 elem = RawDataElement(elem.tag, "SQ", len(value), value, 0, False, True)
             elif isinstance(elem, DataElement) and " or " in (elem.VR or ""):
                 elem = correct_ambiguous_vr_element(elem, ds, True)
             shell[tag] = elem
     except _Unsupported:
-        ds.save_as(out, enforce_file_format=True)
-        return out.getvalue()
+        return _pydicom_file(ds)
     shell.file_meta = meta
     shell.preamble = getattr(ds, "preamble", None)
-    # Tells pydicom's writer that the elements are already in this encoding: it writes the
-    # encoded sequences as they are, without decoding and checking them again.
-    shell.set_original_encoding(False, True, encodings)
-    shell.save_as(out, enforce_file_format=True)
+    # Tells pydicom's writer that the elements are already in this encoding, so that it writes
+    # the encoded sequences as they are, without decoding and checking them again. The
+    # character set is given as the data set reports its own (the default one as a plain
+    # name), or the writer would see a change of character set and decode them after all.
+    charset = ds.get("SpecificCharacterSet")
+    shell.set_original_encoding(False, True, convert_encodings(charset) if charset else default_encoding)
+    return _pydicom_file(shell)
+
+
+def _pydicom_file(ds: Dataset) -> bytes:
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
+
+
+def _encodings(ds: Dataset, parent: str | list[str]) -> list[str]:
+    """The character sets of ``ds``'s text, chosen as pydicom's writer chooses them."""
+    return convert_encodings(ds.get("SpecificCharacterSet", parent) or default_encoding)
+
+
+def _sequence_value(elem: DataElement, encodings: list[str]) -> bytes:
+    if elem.is_undefined_length:
+        raise _Unsupported(f"{elem.tag} has an undefined length")
+    return sequence_bytes(elem.value, encodings) if elem.value else b""
 
 
 def sequence_bytes(items: list[Dataset], encodings: list[str]) -> bytes:
@@ -90,8 +104,7 @@ def sequence_bytes(items: list[Dataset], encodings: list[str]) -> bytes:
 
 
 def _dataset_bytes(ds: Dataset, parent_encodings: list[str]) -> bytes:
-    charset = ds.get_item(0x00080005)
-    encodings = parent_encodings if charset is None else convert_encodings(ds.SpecificCharacterSet)
+    encodings = _encodings(ds, parent_encodings)
     parts: list[bytes] = []
     for tag in sorted(ds.keys()):
         if tag.element == 0 and tag.group > 6:       # retired group lengths are not written
@@ -100,17 +113,14 @@ def _dataset_bytes(ds: Dataset, parent_encodings: list[str]) -> bytes:
         if not isinstance(elem, DataElement):
             raise _Unsupported(f"{tag} is not decoded")
         vr = elem.VR
-        value = elem.value
         if vr == "SQ":
-            if elem.is_undefined_length:
-                raise _Unsupported(f"{tag} has an undefined length")
-            encoded = sequence_bytes(value, encodings) if value else b""
+            encoded = _sequence_value(elem, encodings)
             parts.append(_LONG.pack(tag.group, tag.element, b"SQ", len(encoded)))
             parts.append(encoded)
             continue
         if vr is None or len(vr) != 2:
             raise _Unsupported(f"{tag} has the ambiguous VR {vr}")
-        encoded = _value_bytes(vr, value)
+        encoded = _value_bytes(vr, elem.value)
         if encoded is None or len(encoded) > 0xFFFF:
             parts.append(_pydicom_element(elem, encodings))
         else:
@@ -130,8 +140,8 @@ def _value_bytes(vr: str, value: object) -> bytes | None:
         text = _joined(value)
         pad = b" "
     elif vr in _NUMBER_STRINGS:
-        if isinstance(value, (list, tuple, MultiValue)):
-            text = "\\".join(_number_string(v) for v in value)  # type: ignore[union-attr]
+        if isinstance(value, MultiValue):
+            text = "\\".join(_number_string(v) for v in value)
         else:
             text = _number_string(value)
         pad = b" "
