@@ -4,7 +4,8 @@ priorities, recovery."""
 import threading
 import time
 
-
+from node.config.schema import parse_config
+from node.routing.assembler import EVIDENCE_POLL_S, QUIET_MARGIN_S, Assembler
 from node.storage.db import InstanceRecord, JobSpec
 
 
@@ -40,6 +41,25 @@ def test_series_is_quiet_only_after_timeout(db):
     record(db, now=100.0)
     assert db.quiet_series(99.0) == []
     assert [s.series_uid for s in db.quiet_series(101.0)] == ["1.2.3"]
+
+
+def test_quiet_timer_deadline_follows_the_series_quiet_longest(db):
+    """The assembler looks when the oldest receiving series' timer runs out, not on a fixed
+    poll: a 1 s timer fires a few milliseconds late, not up to a poll interval."""
+    config = parse_config({"ingest": {"series_timeout_s": 1.0}})
+    assembler = Assembler(threading.Event(), db, lambda: config, lambda: None, lambda: None)
+    assert db.oldest_receiving() is None
+    assert assembler.next_wait(now=100.0) == EVIDENCE_POLL_S
+    record(db, series="1.2.3", sop="1.2.3.1", now=100.0)
+    record(db, series="1.2.4", sop="1.2.4.1", now=100.5)
+    assert db.oldest_receiving() == 100.0
+    assert abs(assembler.next_wait(now=100.9) - (0.1 + QUIET_MARGIN_S)) < 1e-6
+    assert assembler.next_wait(now=100.2) == EVIDENCE_POLL_S        # far off: the evidence poll
+    assert assembler.next_wait(now=105.0) == QUIET_MARGIN_S         # overdue: look at once
+    assert [s.series_uid for s in db.quiet_series(100.0 + QUIET_MARGIN_S)] == ["1.2.3"]
+    row = db.quiet_series(101.0)[0]
+    assert db.assemble(row.id, row.last_received_at, [], [], {})
+    assert db.oldest_receiving() == 100.5                            # assembled: the next one
 
 
 def test_assemble_refuses_if_an_instance_arrived_meanwhile(db):

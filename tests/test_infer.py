@@ -9,7 +9,11 @@ the decision threshold.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +26,8 @@ from node.inference.runtime import ModelRuntime
 from node.inference.manifest import load_manifest
 from node.inference.preprocess import Intensity, series_statistics
 from node.inference.volume import SeriesVolume
+
+REPO = Path(__file__).resolve().parent.parent
 
 CPU = ["CPUExecutionProvider"]
 MARGIN = 1e-4
@@ -500,3 +506,30 @@ def test_volume_classifier_sees_the_resampled_volume(tmp_path):
     img = RNG.normal(0.3, 1, (6, 20, 16))
     pred = rt.run(series(img))
     assert np.allclose(pred.scores, sigmoid(ref_resample(img, (8, 10, 12)).mean()), atol=1e-5)
+
+
+# --- the process around the model ------------------------------------------------------------
+
+def test_cpu_threads_do_not_spin_and_numpy_asks_for_no_huge_pages(tmp_path):
+    """ONNX Runtime's threads sleep between runs (the batch's threshold and the next batch's
+    decoding need the cores), and a process that imports the node faults a job's fresh arrays
+    in as normal pages unless the administrator's environment says otherwise."""
+    folder = om.package(tmp_path, "one", om.conv2d(np.ones((1, 1, 1, 1), np.float32), np.zeros(1, np.float32)),
+                        """
+        task = "segmentation"
+        [input]
+        modalities = ["CT"]
+        kind = "slices"
+        [output]
+        kind = "probabilities"
+        decision = "threshold"
+        """, segments=[(0, "all")])
+    options = runtime(folder).session.get_session_options()
+    for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+        assert options.get_session_config_entry(key) == "0"
+    probe = "import node, numpy; print(numpy._core.multiarray._get_madvise_hugepage())"
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    for extra, expected in (({}, "False"), ({"NUMPY_MADVISE_HUGEPAGE": "1"}, "True")):
+        out = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True,
+                             text=True, check=True, cwd=REPO)
+        assert out.stdout.strip() == expected

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 #: How often evidence (an MPPS, a release) is looked at: the delay it adds at most.
 EVIDENCE_POLL_S = 0.25
+#: How long after a series' quiet-timer deadline it is looked at (clocks and float rounding).
+QUIET_MARGIN_S = 0.005
 #: How long a completed MPPS waits for the instances it references (the quiet timer applies meanwhile).
 MPPS_WAIT_S = 24 * 3600.0
 EVIDENCE_NAMES = {"quiet_timer": "the quiet timer", "mpps": "MPPS", "release": "association release"}
@@ -45,10 +47,19 @@ class Assembler(Stage):
         self._mpps_seen: dict[int, float | None] = {}      # MPPS id -> its series' last arrival, when looked at
 
     def run_loop(self) -> None:
-        while not self.stop_event.wait(min(EVIDENCE_POLL_S, max(0.1, self.config().ingest.series_timeout_s / 5))):
+        while not self.stop_event.wait(self.next_wait()):
             self.apply_mpps()
             self.assemble_once(time.time() - self.config().ingest.series_timeout_s)
             self.assemble_studies(time.time())
+
+    def next_wait(self, now: float | None = None) -> float:
+        """Seconds until the next look: the quiet timer's next deadline (the series quiet
+        longest), at most :data:`EVIDENCE_POLL_S` (evidence, new series)."""
+        oldest = self.db.oldest_receiving()
+        if oldest is None:
+            return EVIDENCE_POLL_S
+        due = oldest + self.config().ingest.series_timeout_s - (time.time() if now is None else now)
+        return min(EVIDENCE_POLL_S, max(QUIET_MARGIN_S, due + QUIET_MARGIN_S))
 
     def apply_mpps(self, now: float | None = None) -> int:
         """Give the series of every final MPPS their evidence once all the instances it

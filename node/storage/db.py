@@ -203,6 +203,13 @@ class Database(QueueQueries, EvidenceQueries, ReportQueries, CatalogueQueries, C
             return [replace(_series_row(s, st), evidence=s.evidence if early else "")
                     for s, st, early in session.execute(stmt).all()]
 
+    def oldest_receiving(self) -> float | None:
+        """When the series still receiving that has been quiet longest received its last
+        instance (None when no series is receiving): the quiet timer's next deadline follows."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.min(Series.last_received_at)).where(
+                Series.status == SeriesStatus.RECEIVING.value)).scalar()
+
     def series_paths(self, series_id: int) -> list[str]:
         with self.engine.connect() as conn:
             return [self.from_db(p) for p in conn.execute(select(Instance.path).where(
