@@ -11,12 +11,16 @@ import struct
 import subprocess
 import threading
 import time
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import CTImageStorage, Verification
 
 from conftest import free_port
 from node.config.schema import parse_config
@@ -273,6 +277,38 @@ def test_pynetdicom_path_after_a_failed_take_over_is_bounded_too(tmp_path, dcmtk
         assert peak[0] - idle < 48, f"RSS {idle:.0f} -> {peak[0]:.0f} MB for a 128 MiB instance"
         assert pydicom.dcmread(stored[0]).PixelData == pydicom.dcmread(big).PixelData
         assert not list((tmp_path / "data" / "tmp").glob("*.part"))
+    finally:
+        node.ingest.stop()
+        node.db.close()
+
+
+@pytest.mark.parametrize("path", ["lean", "pynetdicom"])
+def test_c_store_refused_before_its_handler_leaves_no_spool_file(tmp_path, monkeypatch, path):
+    """A C-STORE-RQ naming a SOP class that no service serves, on an accepted context: its data
+    set was spooled from its first fragment on, pynetdicom aborts before any handler runs, and
+    the spool file goes with it, on the lean path and on pynetdicom's own."""
+    if path == "pynetdicom":
+        monkeypatch.setattr(LeanAssociation, "_take_over", lambda self: False)
+    node = Node(parse_config({"node": {"host": "127.0.0.1", "port": free_port(), "data_dir": str(tmp_path / "data")},
+                              "ingest": {"min_free_disk_mb": 0}}))
+    node.ingest.start()
+    try:
+        ds = pydicom.dcmread(make_ct_series(tmp_path / "ct", slices=1, size=16).files[0])
+        ae = AE("SCU")
+        ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", node.ingest.port, ae_title="AINODE")
+        assert assoc.is_established
+        req = C_STORE()
+        req.MessageID, req.Priority = 7, 2
+        req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.10.1.9", ds.SOPInstanceUID
+        encoded = DicomBytesIO()
+        encoded.is_little_endian, encoded.is_implicit_VR = True, False
+        write_dataset(encoded, ds)
+        req.DataSet = BytesIO(encoded.getvalue())
+        assoc.dimse.send_msg(req, assoc.accepted_contexts[0].context_id)
+        wait_for(lambda: assoc.is_aborted, "the node to abort the association")
+        wait_for(lambda: not list((tmp_path / "data" / "tmp").glob("*.part")), "the spool file to be removed")
+        assert not list((tmp_path / "data" / "images").rglob("*.dcm"))
     finally:
         node.ingest.stop()
         node.db.close()

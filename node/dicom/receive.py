@@ -208,8 +208,15 @@ class LeanAssociation(Association):
             if msg is None:
                 break
             self._serve_request(msg, int(context_id or 0))   # pynetdicom's service classes and our handlers
-            _remove_spooled(msg._dataset_file)   # a message refused before its handler ran leaves no file
         return not self._kill
+
+    def _serve_request(self, msg: Any, context_id: int) -> None:
+        """pynetdicom's, on either path; a message refused before its handler ran (an unknown
+        SOP class, a C-STORE arriving during a release) leaves no spool file."""
+        try:
+            super()._serve_request(msg, context_id)
+        finally:
+            _remove_spooled(getattr(msg, "_dataset_file", None))
 
     def _count_in_memory(self, control: int, size: int) -> None:
         """Count a data set fragment that pynetdicom will keep in memory (one not spooled).
