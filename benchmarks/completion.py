@@ -4,7 +4,9 @@
                                     [--modes timer mpps release]
 
 A CT series goes by DCMTK storescu into ``ainode serve`` (ct-tissue, CPU) and the results to
-a storage SCP on loopback that notes when each arrives. Three ways the series is known to be
+DCMTK storescp on loopback (``--pacs storescp``, the default: it runs ``date`` after each
+object it has written, which notes when each arrives) or to pynetdicom's storage SCP in this
+process (``--pacs pynetdicom``). Three ways the series is known to be
 complete: the quiet timer alone (``series_timeout_s``, ``--timer``), an MPPS COMPLETED sent right after
 the last instance (pynetdicom's SCU), and the release of the association by a sender named in
 ``ingest.complete_on_release`` (grace 0.5 s). Printed beside Orthanc's and mercure's default
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 import re
 import shutil
 import socket
@@ -49,6 +52,41 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class StorescpPacs:
+    """DCMTK storescp as the PACS: ``received`` gets (arrival time, "") for each object written
+    (its ``--exec-on-reception`` runs ``date`` once the file is on disk)."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.received: list[tuple[float, str]] = []
+        self.proc = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-od", str(folder), "+xa", "-pdu", "131072",
+                                      "-xcr", "date +%s.%N", str(self.port)], env=ENV,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("storescp did not start")
+            time.sleep(0.05)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.received.append((float(line.strip()), ""))
+            except ValueError:
+                pass
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
 def mpps(port: int, phantom, files) -> None:
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(ModalityPerformedProcedureStep)
@@ -72,11 +110,12 @@ def mpps(port: int, phantom, files) -> None:
     assoc.release()
 
 
-def run(mode: str, phantom, work: Path, models: Path, timer: float) -> tuple[float, dict[str, float]]:
+def run(mode: str, phantom, work: Path, models: Path, timer: float,
+        pacs_kind: str = "storescp") -> tuple[float, dict[str, float]]:
     """Seconds from the last instance acknowledged to both results at the PACS, and the
     job's stage timings the node logged."""
-    pacs = DemoPacs("PACS")
     data = work / f"node-{mode}"
+    pacs = StorescpPacs(work / f"pacs-{mode}") if pacs_kind == "storescp" else DemoPacs("PACS")
     shutil.rmtree(data, ignore_errors=True)
     port = free_port()
     config = work / f"{mode}.toml"
@@ -124,6 +163,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--timer", type=float, default=10.0, help="series_timeout_s of the quiet-timer runs")
+    ap.add_argument("--pacs", choices=["storescp", "pynetdicom"], default="storescp")
     ap.add_argument("--modes", nargs="+", choices=["timer", "mpps", "release"], default=["timer", "mpps", "release"])
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="ainode-completion-") as tmp:
@@ -134,13 +174,13 @@ def main() -> int:
         build_reference_model(load_manifest(models / "ct-tissue"))
         phantom = make_ct_series(work / "ct", slices=args.slices, size=args.size)
         print(f"{args.slices} x {args.size}^2 CT, ct-tissue on the CPU; last instance acknowledged -> "
-              f"SEG + SR at the PACS; median of {args.repeat}")
+              f"SEG + SR at the PACS ({args.pacs}); median of {args.repeat}")
         names = {"timer": f"quiet timer (series_timeout_s = {args.timer:g})", "mpps": "MPPS COMPLETED",
                  "release": "association release (grace 0.5 s)"}
         stages = ("decode", "preprocess", "run", "postprocess", "encode")
         print(f"{'how the series is known complete':40s} {'seconds':>8s} " + " ".join(f"{s:>11s}" for s in stages))
         for mode in args.modes:
-            figures = [run(mode, phantom, work, models, args.timer) for _ in range(args.repeat)]
+            figures = [run(mode, phantom, work, models, args.timer, args.pacs) for _ in range(args.repeat)]
             print(f"{names[mode]:40s} {statistics.median(f[0] for f in figures):8.2f} "
                   + " ".join(f"{statistics.median(f[1].get(s, 0.0) for f in figures):11.2f}" for s in stages))
         for name, seconds in REFERENCE_STABILITY_S.items():
