@@ -5,12 +5,16 @@ from __future__ import annotations
 from io import BytesIO
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import encode
 
+from node.dicom import intake
 from node.dicom.listener import CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS, Refused, read_header
 from node.storage.files import FileStore, valid_uid
 
@@ -118,3 +122,33 @@ def test_paths_stay_in_the_store(tmp_path):
     store = FileStore(tmp_path, fsync=False)
     path = store.image_path("1.2", "1.2.3", "1.2.3.4")
     assert path.resolve().is_relative_to(tmp_path.resolve())
+
+
+_VALUE_BYTES = st.lists(st.one_of(st.sampled_from([b"A", b"z", b"1", b".", b"^", b"=", b" ", b"\x00", b"\\", b"\t",
+                                                   b"\x1b$B", b"\x1b(B", b"\xc3\xbc", b"\xe9", b"\x7f"]),
+                                  st.binary(max_size=3)), max_size=12).map(b"".join)
+
+
+@settings(max_examples=600, deadline=None, derandomize=True)
+@example(keyword="PatientName", value=b"=", implicit=False, charset=None)          # empty groups dropped
+@example(keyword="PatientName", value=b"Doe^John==", implicit=True, charset=None)
+@example(keyword="StudyInstanceUID", value=b"1.2.3\x00", implicit=False, charset=None)
+@example(keyword="PatientID", value=b" P1\x00 ", implicit=False, charset="ISO_IR 100")
+@example(keyword="SeriesDescription", value=b"\x1b$B$3\x1b(B", implicit=False, charset="ISO 2022 IR 87")
+@given(keyword=st.sampled_from(["StudyInstanceUID", "PatientName", "PatientID", "Modality", "StudyDate",
+                                "AccessionNumber", "SeriesDescription"]),
+       value=_VALUE_BYTES, implicit=st.booleans(),
+       charset=st.sampled_from([None, "ISO_IR 100", "ISO_IR 192", "ISO 2022 IR 87", "GB18030"]))
+def test_header_values_read_from_their_bytes_are_pydicoms(keyword, value, implicit, charset):
+    """The header's values are decoded from their bytes where that is the same in every
+    character set (ASCII, one value, no escape), else by pydicom: the text is pydicom's."""
+    tag = Tag(tag_for_keyword(keyword))
+    vr = None if implicit else dictionary_VR(tag)
+    datasets = []
+    for _ in range(2):
+        ds = Dataset()
+        if charset:
+            ds.SpecificCharacterSet = charset
+        ds[tag] = RawDataElement(tag, vr, len(value), value, 0, implicit, True)
+        datasets.append(ds)
+    assert intake._text(datasets[0], keyword) == intake._converted_text(datasets[1], keyword)

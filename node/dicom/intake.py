@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 import pydicom
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
@@ -483,8 +485,33 @@ def _check_vr_encoding(head: bytes, ts: UID) -> None:
                                          f"context's transfer syntax is {ts.name}")
 
 
+#: The tags of :data:`_HEADER_KEYS`.
+_HEADER_TAGS = {keyword: tag_for_keyword(keyword) for keyword in _HEADER_KEYS}
+#: The VRs that these attributes have (None: implicit VR, the dictionary's, all text).
+_TEXT_VRS = frozenset((None, "UI", "CS", "SH", "LO", "PN", "DA"))
+
+
 def _text(ds: Dataset, keyword: str) -> str:
-    """A header value as stripped text ('' when absent); multi-values joined by a backslash."""
+    """A header value as stripped text ('' when absent); multi-values joined by a backslash.
+
+    A value still as read whose bytes are ASCII, with no backslash (one value), no escape
+    (ISO 2022 code extensions) and, in a person's name, no component group ("=") is the same
+    text in every character set: it is decoded here,
+    as pydicom would decode it (trailing NULs and spaces go), without pydicom's conversion to
+    its value types, which cost more than half of the header read.
+    """
+    tag = _HEADER_TAGS.get(keyword)
+    if tag is not None and tag in ds:
+        raw = ds.get_item(tag)
+        if (isinstance(raw, RawDataElement) and raw.VR in _TEXT_VRS and raw.value is not None
+                and raw.value.isascii() and b"\\" not in raw.value and b"\x1b" not in raw.value
+                and (keyword != "PatientName" or b"=" not in raw.value)):   # pydicom drops empty groups
+            return raw.value.decode("ascii").rstrip("\x00 ").strip()
+    return _converted_text(ds, keyword)
+
+
+def _converted_text(ds: Dataset, keyword: str) -> str:
+    """:func:`_text` by pydicom's conversion of the value (its character set, its types)."""
     value = ds.get(keyword)
     if value is None:
         return ""
