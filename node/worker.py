@@ -56,7 +56,7 @@ from node.routing.assembler import Assembler
 from node.routing.notifier import Notifier
 from node.routing.notify import webhook_url
 from node.routing.triage import Outcome, triage
-from node.stage import Stage
+from node.stage import Stage, freeze_startup_objects
 from node.storage.db import Database, JobRow
 from node.storage.files import FileStore, node_dir, safe_name
 from node.storage.cluster import NodeBeat
@@ -112,6 +112,7 @@ class Inference(Stage):
             log.warning("SEG encoder warm-up failed (%s); the first result pays highdicom's start", first_line(exc))
         else:
             log.info("SEG encoder warmed up in %.2f s", seconds)
+        freeze_startup_objects()           # highdicom's tables, loaded by the warm-up, included
 
     def claim(self) -> JobRow | None:
         """The next job to run. A job is counted at each claim, so one that was running when

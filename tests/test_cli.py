@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -66,8 +67,12 @@ def test_serve_refuses_a_second_node_and_a_taken_port_in_one_line(tmp_path):
     sections = {"node": {"host": "127.0.0.1", "port": port, "data_dir": str(tmp_path / "data"), "name": "one"},
                 "ingest": {"min_free_disk_mb": 0}, "inference": {"models_dir": str(models)}}
     config = write_config(tmp_path / "node.toml", sections)
-    first = NodeProcess(config=config, port=port, data_dir=tmp_path / "data", log=tmp_path / "node.log").start()
+    first = NodeProcess(config=config, port=port, data_dir=tmp_path / "data", log=tmp_path / "node.log")
+    first.start_waiting_for("serving")
     try:
+        # what the started process holds is left out of later garbage collection passes
+        frozen = re.search(r"serving \(pid \d+; (\d+) objects of its start-up left out", first.log_text())
+        assert frozen and int(frozen.group(1)) > 50_000, first.log_text()[-2000:]
         second = ainode("serve", "--config", str(config))
         assert second.returncode == 1
         line = one_line_no_traceback(second)

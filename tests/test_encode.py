@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
+import highdicom._standard_utils as standard
 import numpy as np
 import pydicom
 import pytest
@@ -296,6 +297,25 @@ def test_the_segs_overlap_check_is_ours_not_highdicoms_volume_copy(series, tissu
     monkeypatch.setattr(hd.seg.Segmentation, "_check_and_cast_pixel_array", classmethod(refuse))
     result = encode_segmentation(series, tissue_masks(), tissue, JOB)
     assert result.seg.SegmentsOverlap == "YES"
+
+
+def test_highdicoms_iod_look_ups_are_remembered_with_the_same_answers(series, tissue):
+    """Building a SEG asks highdicom once per source image whether its IOD is multi-frame;
+    the answers are kept, and are the answers of highdicom's own function."""
+    lookup = standard.is_attribute_in_iod
+    original = lookup.__wrapped__
+    for attribute, sop_class, exclude in (("NumberOfFrames", CTImageStorage, None),
+                                          ("NumberOfFrames", "1.2.840.10008.5.1.4.1.1.2.1", None),
+                                          ("PixelData", "1.2.840.10008.5.1.4.1.1.66.4", ["IconImageSequence"]),
+                                          ("PixelData", "1.2.840.10008.5.1.4.1.1.88.34", ["IconImageSequence"])):
+        assert lookup(attribute, sop_class, exclude) == original(attribute, sop_class, exclude)
+    with pytest.raises(KeyError):
+        lookup("NumberOfFrames", "1.2.3.4")          # no such SOP class: highdicom's error, every time
+    before = lookup.cache_info()
+    encode_segmentation(series, tissue_masks(), tissue, JOB)
+    after = lookup.cache_info()
+    assert after.hits - before.hits >= len(series) - 1   # one walk of the tables, not one per image
+    assert after.misses - before.misses <= 4
 
 
 def test_empty_segment(series, tissue, tmp_path):

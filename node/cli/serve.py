@@ -19,6 +19,7 @@ from node import __version__
 from node.cli.common import config_path, load
 from node.config.schema import load_config
 from node.errors import ConfigError
+from node.stage import freeze_startup_objects
 from node.storage.files import DataDirLock, node_dir
 
 if TYPE_CHECKING:
@@ -61,11 +62,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         node.stop(timeout=5)
         lock.release()
         raise
+    frozen = freeze_startup_objects()
     pid_file = node_dir(config.node.data_dir, config.node.name) / PID_FILE
     pid_file.write_text(f"{os.getpid()}\n")
     log = logging.getLogger("node")
-    log.info("ainode %s serving (pid %d); SIGHUP or `ainode reload` reads the configuration again; "
-             "Ctrl-C or SIGTERM stops it gracefully", __version__, os.getpid())
+    log.info("ainode %s serving (pid %d; %d objects of its start-up left out of garbage collection); "
+             "SIGHUP or `ainode reload` reads the configuration again; Ctrl-C or SIGTERM stops it gracefully",
+             __version__, os.getpid(), frozen)
     try:
         while True:
             stop.wait()

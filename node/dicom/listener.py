@@ -26,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.config.schema import Config
 from node.errors import NodeError, first_line
+from node.stage import freeze_startup_objects
 from node.metrics import Metrics
 from node.storage.db import Database
 from node.storage.files import FileStore
@@ -293,6 +294,7 @@ def serve_ingest_only(config: Config) -> None:
     store = FileStore(config.node.data_dir, fsync=config.ingest.fsync, owner=config.node.name)
     ingest = Ingest(config, store, db)
     ingest.start(reuse_port=True)
+    freeze_startup_objects()
     stop.wait()
     ingest.stop()
     db.close()

@@ -12,6 +12,7 @@ the same objects' identities and a re-send replaces rather than duplicates.
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import highdicom as hd
+import highdicom._standard_utils
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
@@ -29,6 +31,32 @@ from node import __version__
 from node.errors import InputError
 from node.inference.manifest import Algorithm, Code as ManifestCode, ModelManifest
 from node.results.part10 import part10_bytes
+
+def _remember_iod_answers() -> None:
+    """highdicom asks whether an IOD allows multiple frames once per source image (300 times
+    for a 300-slice CT), each time by walking the IOD's modules and their attributes in its
+    tables: ~0.1 s of building the SEG. The answer depends on those static tables only, so it
+    is kept (a bounded cache; an unknown SOP class still raises each time). A highdicom whose
+    function is gone or changed shape is left as it is."""
+    original = getattr(highdicom._standard_utils, "is_attribute_in_iod", None)
+    if original is None or hasattr(original, "cache_info"):
+        return
+
+    @functools.lru_cache(maxsize=4096)
+    def answer(attribute: str, sop_class_uid: str, exclude: tuple[str, ...] | None) -> bool:
+        return bool(original(attribute, sop_class_uid, None if exclude is None else list(exclude)))
+
+    @functools.wraps(original)
+    def is_attribute_in_iod(attribute: str, sop_class_uid: str,
+                            exclude_path_elements: Sequence[str] | None = None) -> bool:
+        return answer(attribute, str(sop_class_uid),
+                      None if exclude_path_elements is None else tuple(exclude_path_elements))
+
+    is_attribute_in_iod.cache_info = answer.cache_info  # type: ignore[attr-defined]
+    highdicom._standard_utils.is_attribute_in_iod = is_attribute_in_iod
+
+
+_remember_iod_answers()
 
 SEG_SERIES_NUMBER = 9901
 SEGMENTATION_SR_SERIES_NUMBER = 9902
