@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import threading
 import re
 import shutil
 import socket
@@ -26,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 

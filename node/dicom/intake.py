@@ -496,17 +496,15 @@ def _text(ds: Dataset, keyword: str) -> str:
 
     A value still as read whose bytes are ASCII, with no backslash (one value), no escape
     (ISO 2022 code extensions) and, in a person's name, no component group ("=") is the same
-    text in every character set: it is decoded here,
-    as pydicom would decode it (trailing NULs and spaces go), without pydicom's conversion to
-    its value types, which cost more than half of the header read.
+    text in every character set: it is decoded here, as pydicom would decode it (trailing NULs
+    and spaces go), without pydicom's conversion to its value types, which cost more than half
+    of the header read.
     """
-    tag = _HEADER_TAGS.get(keyword)
-    if tag is not None and tag in ds:
-        raw = ds.get_item(tag)
-        if (isinstance(raw, RawDataElement) and raw.VR in _TEXT_VRS and raw.value is not None
-                and raw.value.isascii() and b"\\" not in raw.value and b"\x1b" not in raw.value
-                and (keyword != "PatientName" or b"=" not in raw.value)):   # pydicom drops empty groups
-            return raw.value.decode("ascii").rstrip("\x00 ").strip()
+    raw = ds.get_item(_HEADER_TAGS[keyword])
+    if (isinstance(raw, RawDataElement) and raw.VR in _TEXT_VRS and raw.value is not None
+            and raw.value.isascii() and b"\\" not in raw.value and b"\x1b" not in raw.value
+            and (keyword != "PatientName" or b"=" not in raw.value)):   # pydicom drops empty groups
+        return raw.value.decode("ascii").rstrip("\x00 ").strip()
     return _converted_text(ds, keyword)
 
 

@@ -26,8 +26,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.config.schema import Config
 from node.errors import NodeError, first_line
-from node.stage import freeze_startup_objects
 from node.metrics import Metrics
+from node.stage import freeze_startup_objects
 from node.storage.db import Database
 from node.storage.files import FileStore
 from node.dicom.intake import (CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS,  # noqa: F401 - re-exported

@@ -32,6 +32,7 @@ from node.errors import InputError
 from node.inference.manifest import Algorithm, Code as ManifestCode, ModelManifest
 from node.results.part10 import part10_bytes
 
+
 def _remember_iod_answers() -> None:
     """highdicom asks whether an IOD allows multiple frames once per source image (300 times
     for a 300-slice CT), each time by walking the IOD's modules and their attributes in its
